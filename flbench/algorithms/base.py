@@ -1,0 +1,144 @@
+"""The one interface a prompt-learning method implements, and the registry that finds methods by name.
+
+A method is an `nn.Module` holding only its trainable parts; the frozen backbone is shared, never copied. It never
+imports Flower: what travels to the server is `shared_state()`, what stays with a client is `local_state()`, and
+the FL layer moves those dictionaries around.
+
+The forward pass is split in two so that the frozen half can be cached: `encode(images)` is the image side (pure
+function of the frozen backbone when `frozen_image_side` is True) and `logits(encoded)` the trainable side.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flbench.backbones.clip import FrozenCLIP, normalize
+from flbench.errors import ConfigError
+
+Encoded = Any  # a tensor, or a tuple of tensors for methods that also need patch features
+
+_REGISTRY: dict[str, type["PromptMethod"]] = {}
+
+
+class PromptMethod(nn.Module):
+    name: ClassVar[str]
+    # True when encode() depends on no trainable parameter: image features may then be computed once and reused.
+    frozen_image_side: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            _REGISTRY[cls.name] = cls
+
+    def __init__(self, backbone: FrozenCLIP, classnames: Sequence[str], templates: Sequence[str] = ("a photo of a {}.",),
+                 **hparams: Any) -> None:
+        super().__init__()
+        # Stored outside the module tree: the backbone is shared and frozen, so it is no part of this method's state.
+        object.__setattr__(self, "backbone", backbone)
+        self.classnames = list(classnames)
+        self.templates = list(templates)
+        self.hparams = hparams
+
+    # --- forward --------------------------------------------------------------------------------------------
+    def encode(self, images: torch.Tensor) -> Encoded:
+        """Image-side features. Default: the frozen CLIP image embedding."""
+        with torch.no_grad():
+            return self.backbone.encode_image(images)
+
+    def logits(self, encoded: Encoded) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.logits(self.encode(images))
+
+    def loss(self, encoded: Encoded, labels: torch.Tensor) -> torch.Tensor:
+        """Training loss: cross-entropy plus the method's own terms."""
+        return F.cross_entropy(self.logits(encoded), labels)
+
+    def backward(self, encoded: Encoded, labels: torch.Tensor) -> torch.Tensor:
+        """Compute the loss and leave gradients in `.grad`. Methods that edit gradients (ProGrad) override this."""
+        loss = self.loss(encoded, labels)
+        loss.backward()
+        return loss.detach()
+
+    # --- what travels --------------------------------------------------------------------------------------
+    def shared_keys(self) -> list[str]:
+        """State-dict keys sent to the server. Default: every trainable parameter (plain FedAvg of the prompt)."""
+        return [n for n, p in self.named_parameters() if p.requires_grad]
+
+    def shared_state(self) -> dict[str, torch.Tensor]:
+        state = self.state_dict()
+        return {k: state[k].detach().clone() for k in self.shared_keys()}
+
+    def local_state(self) -> dict[str, torch.Tensor]:
+        """Everything else the client must keep between rounds (personal prompts, method buffers)."""
+        shared = set(self.shared_keys())
+        return {k: v.detach().clone() for k, v in self.state_dict().items() if k not in shared}
+
+    def load_partial(self, state: Mapping[str, torch.Tensor]) -> None:
+        own = self.state_dict()
+        unknown = set(state) - set(own)
+        if unknown:
+            raise KeyError(f"{self.name}: state has keys this method does not own: {sorted(unknown)[:5]}")
+        with torch.no_grad():
+            for key, value in state.items():
+                own[key].copy_(torch.as_tensor(value))
+
+    def aggregate(self, states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float],
+                  server_round: int) -> dict[str, torch.Tensor]:
+        """Server-side aggregation of shared states. Default: weighted mean (FedAvg)."""
+        total = float(sum(weights))
+        return {k: sum(w / total * s[k] for s, w in zip(states, weights)) for k in states[0]}
+
+    def reported_state(self) -> dict[str, torch.Tensor] | None:
+        """A different state to evaluate than the one trained (PromptSRC's Gaussian average); None = the same."""
+        return None
+
+    # --- class names -----------------------------------------------------------------------------------------
+    def set_classnames(self, classnames: Sequence[str]) -> None:
+        """Switch to other class names (base→novel, cross-dataset). Methods with per-class parameters refuse."""
+        self.classnames = list(classnames)
+
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def shared_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.shared_state().values())
+
+
+def cosine_logits(backbone: FrozenCLIP, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+    """CLIP logits: scaled cosine similarity between images [B, D] and classes [C, D]."""
+    return backbone.logit_scale * normalize(image_features) @ normalize(text_features).t()
+
+
+def _import_all() -> None:
+    import flbench.algorithms as package
+
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.name != "base":
+            importlib.import_module(f"flbench.algorithms.{info.name}")
+
+
+def method_class(name: str) -> type[PromptMethod]:
+    if name not in _REGISTRY:
+        _import_all()
+    if name not in _REGISTRY:
+        raise ConfigError(f"algorithm.name={name!r} is not a registered method; available: {sorted(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def available_methods() -> list[str]:
+    _import_all()
+    return sorted(_REGISTRY)
+
+
+def build_method(name: str, backbone: FrozenCLIP, classnames: Sequence[str], templates: Sequence[str],
+                 hparams: Mapping[str, Any]) -> PromptMethod:
+    return method_class(name)(backbone, classnames, templates, **dict(hparams))

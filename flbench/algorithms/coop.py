@@ -1,0 +1,49 @@
+"""CoOp (Zhou et al., IJCV 2022): learn the context words of the prompt; under FedAvg this is PromptFL.
+
+Trains n_ctx context vectors (shared by all classes, or one set per class with `class_specific`), inserted before,
+around or after the class name. Everything trainable is shared with the server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from flbench.algorithms.base import PromptMethod, cosine_logits
+from flbench.algorithms.prompting import TextPrompt, context_length_of, init_context
+from flbench.backbones.clip import FrozenCLIP
+from flbench.errors import ConfigError
+
+
+class CoOp(PromptMethod):
+    name = "coop"
+
+    def __init__(self, backbone: FrozenCLIP, classnames: Sequence[str], templates: Sequence[str] = ("a photo of a {}.",),
+                 n_ctx: int = 4, ctx_init: str | None = "a photo of a", class_token_position: str = "end",
+                 class_specific: bool = False, init_seed: int = 0, **hparams: Any) -> None:
+        super().__init__(backbone, classnames, templates, **hparams)
+        n_ctx = context_length_of(backbone, ctx_init, n_ctx)
+        if n_ctx < 1:
+            raise ConfigError("algorithm.n_ctx must be at least 1")
+        ctx = init_context(backbone, n_ctx, ctx_init, torch.Generator().manual_seed(init_seed))
+        if class_specific:
+            ctx = ctx.unsqueeze(0).repeat(len(classnames), 1, 1)
+        self.class_specific = class_specific
+        self.ctx = nn.Parameter(ctx)
+        self.prompt = TextPrompt(backbone, classnames, n_ctx, class_token_position)
+
+    def text_features(self) -> torch.Tensor:
+        return self.prompt.encode(self.ctx)
+
+    def logits(self, encoded: torch.Tensor) -> torch.Tensor:
+        return cosine_logits(self.backbone, encoded, self.text_features())
+
+    def set_classnames(self, classnames: Sequence[str]) -> None:
+        if self.class_specific and len(classnames) != self.ctx.shape[0]:
+            raise ConfigError("class-specific CoOp cannot be evaluated on other class names "
+                             "(set algorithm.class_specific=false for base→novel or cross-dataset scenarios)")
+        super().set_classnames(classnames)
+        self.prompt.set_classnames(classnames)

@@ -1,0 +1,105 @@
+"""Building blocks shared by the CoOp family: a text prompt with learnable context slots, and hand-crafted features."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from flbench.backbones.clip import FrozenCLIP, normalize
+from flbench.errors import ConfigError
+
+CLASS_POSITIONS = ("end", "middle", "front")
+
+
+@torch.no_grad()
+def handcrafted_text_features(backbone: FrozenCLIP, classnames: Sequence[str],
+                              templates: Sequence[str]) -> torch.Tensor:
+    """Zero-shot class features [C, D]: per-template normalised features averaged, then renormalised (CLIP's
+    prompt ensembling; one template gives exactly that template's features)."""
+    per_template = [normalize(backbone.encode_text([t.format(c) for c in classnames])) for t in templates]
+    return normalize(torch.stack(per_template).mean(0))
+
+
+def init_context(backbone: FrozenCLIP, n_ctx: int, ctx_init: str | None, generator: torch.Generator | None = None,
+                 ) -> torch.Tensor:
+    """Initial context vectors [n_ctx, width]: the word embeddings of `ctx_init`, or N(0, 0.02) as CoOp does."""
+    if ctx_init:
+        ids = backbone.tokenizer.encode(ctx_init)
+        tokens = backbone.tokenize([ctx_init])
+        return backbone.token_embeddings(tokens)[0, 1:1 + len(ids)].detach().clone()
+    return torch.randn(n_ctx, backbone.text_width, generator=generator) * 0.02
+
+
+def context_length_of(backbone: FrozenCLIP, ctx_init: str | None, n_ctx: int) -> int:
+    return len(backbone.tokenizer.encode(ctx_init)) if ctx_init else n_ctx
+
+
+class TextPrompt(nn.Module):
+    """Frozen token embeddings of "[SOS] X…X classname. [EOT]" with the X slots replaced by learned context.
+
+    Holds only non-persistent buffers, so it contributes nothing to a method's state dict.
+    """
+
+    def __init__(self, backbone: FrozenCLIP, classnames: Sequence[str], n_ctx: int, position: str = "end") -> None:
+        super().__init__()
+        if position not in CLASS_POSITIONS:
+            raise ConfigError(f"algorithm.class_token_position={position!r} is unknown; choose one of {CLASS_POSITIONS}")
+        object.__setattr__(self, "backbone", backbone)
+        self.n_ctx, self.position = n_ctx, position
+        self.set_classnames(classnames)
+
+    def set_classnames(self, classnames: Sequence[str]) -> None:
+        backbone = self.backbone
+        placeholder = " ".join(["X"] * self.n_ctx)
+        texts = [f"{placeholder} {name}." if self.n_ctx else f"{name}." for name in classnames]
+        too_long = [n for n, t in zip(classnames, texts)
+                    if len(backbone.tokenizer.encode(t)) + 2 > backbone.context_length]
+        if too_long:
+            raise ConfigError(f"class names do not fit the backbone's context length {backbone.context_length} "
+                             f"with {self.n_ctx} context tokens (e.g. {too_long[0]!r}); lower algorithm.n_ctx")
+        tokens = backbone.tokenize(texts)
+        with torch.no_grad():
+            embeddings = backbone.token_embeddings(tokens)
+        self.register_buffer("prefix", embeddings[:, :1].clone(), persistent=False)
+        self.register_buffer("suffix", embeddings[:, 1 + self.n_ctx:].clone(), persistent=False)
+        self.register_buffer("eot_index", tokens.argmax(dim=-1), persistent=False)
+        self.name_lengths = [len(backbone.tokenizer.encode(name)) for name in classnames]
+        self.num_classes = len(classnames)
+
+    def assemble(self, ctx: torch.Tensor) -> torch.Tensor:
+        """Prompt embeddings [..., C, L, W] from context [n_ctx, W] (shared), [C, n_ctx, W] (class-specific),
+        or [B, 1 or C, n_ctx, W] (instance-conditional, as CoCoOp)."""
+        C = self.num_classes
+        if ctx.dim() == 2:
+            ctx = ctx.unsqueeze(0).expand(C, -1, -1)
+        lead = ctx.shape[:-3]
+        ctx = ctx.expand(*lead, C, *ctx.shape[-2:])
+        prefix = self.prefix.expand(*lead, *self.prefix.shape)
+        suffix = self.suffix.expand(*lead, *self.suffix.shape)
+        if self.position == "end":
+            return torch.cat([prefix, ctx, suffix], dim=-2)
+        rows = []
+        for i, name_len in enumerate(self.name_lengths):
+            name, rest = suffix[..., i, :name_len, :], suffix[..., i, name_len:, :]
+            c = ctx[..., i, :, :]
+            if self.position == "front":
+                parts = [prefix[..., i, :, :], name, c, rest]
+            else:  # middle: half the context, the class name, the other half
+                half = self.n_ctx // 2
+                parts = [prefix[..., i, :, :], c[..., :half, :], name, c[..., half:, :], rest]
+            rows.append(torch.cat(parts, dim=-2))
+        return torch.stack(rows, dim=-3)
+
+    def eot(self) -> torch.Tensor:
+        """End-of-text index per class (the context slots come before it in every position)."""
+        return self.eot_index
+
+    def encode(self, ctx: torch.Tensor) -> torch.Tensor:
+        """Class text features [..., C, D] for the given context."""
+        prompts = self.assemble(ctx)
+        lead = prompts.shape[:-2]
+        flat = prompts.reshape(-1, *prompts.shape[-2:])
+        eot = self.eot_index.repeat(flat.shape[0] // self.num_classes)
+        return self.backbone.encode_text_embeddings(flat, eot).reshape(*lead, -1)

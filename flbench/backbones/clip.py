@@ -1,0 +1,161 @@
+"""Frozen CLIP backbones: open_clip models by name/tag or checkpoint, and the package's own tiny offline CLIP.
+
+`FrozenCLIP` is the only thing prompt methods see. It exposes image encoding and text encoding *from token
+embeddings*, so a method can put learned context vectors where words used to be. One instance per process is
+shared by every simulated client (see `load_backbone`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from torch import nn
+
+from flbench.io import atomic_write, cache_dir
+from flbench.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+_TEXT_TOWER = dict(context_length=16, vocab_size=49408, width=128, heads=4, layers=3)
+
+# Tiny CLIPs are configs, not new model classes (as open_clip's model_configs/*.json).
+TINY_CONFIGS: dict[str, dict[str, Any]] = {
+    # ModifiedResNet learns shape within the 2-minute budget (SYNTHETIC.md); it is the default.
+    "tiny": dict(embed_dim=128, vision_cfg=dict(layers=[1, 1, 1, 1], width=32, image_size=32, head_width=64),
+                 text_cfg=_TEXT_TOWER),
+    # A ViT image tower, for methods and attention variants that need transformer internals on the image side.
+    "tiny-vit": dict(embed_dim=128, vision_cfg=dict(layers=4, width=128, patch_size=4, image_size=32, head_width=32),
+                     text_cfg=_TEXT_TOWER),
+}
+
+
+class FrozenCLIP(nn.Module):
+    """A frozen open_clip CLIP with the hooks prompt learning needs."""
+
+    def __init__(self, model: open_clip.CLIP, name: str, mean=OPENAI_DATASET_MEAN, std=OPENAI_DATASET_STD) -> None:
+        super().__init__()
+        self.model = model.eval()
+        self.name = name
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.context_length = int(model.context_length)
+        self.tokenizer = open_clip.SimpleTokenizer(context_length=self.context_length)
+
+    def train(self, mode: bool = True) -> "FrozenCLIP":
+        # The backbone never leaves eval mode (no dropout, no BN updates), whatever its owner does.
+        return super().train(False)
+
+    @property
+    def image_size(self) -> int:
+        size = self.model.visual.image_size
+        return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+    @property
+    def text_width(self) -> int:
+        return int(self.model.token_embedding.weight.shape[1])
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.text_projection.shape[1])
+
+    @property
+    def is_vit(self) -> bool:
+        return hasattr(self.model.visual, "transformer")
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.model.logit_scale.exp()
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        return self.tokenizer(texts).to(self.model.token_embedding.weight.device)
+
+    def token_embeddings(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.token_embedding(tokens)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Image features (unnormalised) from float images in [0, 1] at `image_size`."""
+        return self.model.encode_image((images - self.mean) / self.std)
+
+    def encode_text_embeddings(self, embeddings: torch.Tensor, eot_index: torch.Tensor) -> torch.Tensor:
+        """Text features from token embeddings [N, context_length, width]; pooled at each row's end-of-text token.
+
+        This mirrors open_clip's `encode_text` after its embedding lookup, so with the embeddings of real tokens
+        it returns exactly `encode_text(tokens)`.
+        """
+        m = self.model
+        x = embeddings + m.positional_embedding.to(embeddings.dtype)
+        x = m.transformer(x, attn_mask=m.attn_mask)
+        x = m.ln_final(x)
+        x = x[torch.arange(x.shape[0], device=x.device), eot_index]
+        return x @ m.text_projection if not isinstance(m.text_projection, nn.Linear) else m.text_projection(x)
+
+    @torch.no_grad()
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        tokens = self.tokenize(texts)
+        return self.encode_text_embeddings(self.token_embeddings(tokens), tokens.argmax(dim=-1))
+
+
+def _tiny_key(name: str, pretrain: Mapping[str, Any]) -> str:
+    blob = json.dumps({"config": TINY_CONFIGS[name], "pretrain": dict(pretrain)}, sort_keys=True)
+    return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def build_tiny(name: str = "tiny", pretrain: Mapping[str, Any] | None = None,
+               cache: str | None = None) -> FrozenCLIP:
+    """The tiny CLIP `name`, pretrained by the package on the synthetic corpus the first time, then loaded from cache."""
+    from flbench.backbones.pretrain import DEFAULT_PRETRAIN, pretrain_tiny_clip  # heavy path, only on a cache miss
+
+    if name not in TINY_CONFIGS:
+        raise ConfigError(f"backbone.name={name!r} is not a tiny CLIP; choose one of {sorted(TINY_CONFIGS)}")
+    settings = {**DEFAULT_PRETRAIN, **(pretrain or {})}
+    path = cache_dir(cache) / "tiny_clip" / f"{name}-{_tiny_key(name, settings)}.pt"
+    model = open_clip.CLIP(**TINY_CONFIGS[name])
+    if path.exists():
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    else:
+        log.info("building the tiny CLIP %r (first time only, cached at %s)", name, path)
+        pretrain_tiny_clip(model, **settings)
+        atomic_write(path, lambda f: torch.save(model.state_dict(), f))
+    return FrozenCLIP(model, name)
+
+
+def build_open_clip(arch: str, pretrained: str | None = None, checkpoint: str | None = None) -> FrozenCLIP:
+    """An open_clip architecture, with a pretrained tag, a local checkpoint, or random weights (both None)."""
+    if arch not in open_clip.list_models():
+        raise ConfigError(f"backbone.arch={arch!r} is not an open_clip architecture (see open_clip.list_models())")
+    model = open_clip.create_model(arch, pretrained=pretrained)
+    if checkpoint:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+    mean = getattr(model.visual, "image_mean", None) or OPENAI_DATASET_MEAN
+    std = getattr(model.visual, "image_std", None) or OPENAI_DATASET_STD
+    return FrozenCLIP(model, arch, mean, std)
+
+
+_PROCESS_BACKBONES: dict[str, FrozenCLIP] = {}
+
+
+def load_backbone(cfg: Mapping[str, Any]) -> FrozenCLIP:
+    """The process-wide backbone for this config: built once, then shared by every client in the process."""
+    key = json.dumps(dict(cfg), sort_keys=True, default=str)
+    if key not in _PROCESS_BACKBONES:
+        if cfg.get("name", "").startswith("tiny"):
+            backbone = build_tiny(cfg["name"], cfg.get("pretrain"), cfg.get("cache"))
+        else:
+            backbone = build_open_clip(cfg["arch"], cfg.get("pretrained"), cfg.get("checkpoint"))
+        _PROCESS_BACKBONES[key] = backbone
+    return _PROCESS_BACKBONES[key]
+
+
+def normalize(features: torch.Tensor) -> torch.Tensor:
+    return F.normalize(features, dim=-1)

@@ -1,0 +1,66 @@
+"""Contrastive pretraining of the tiny CLIP on the synthetic image–caption corpus (a fixed step count, seeded).
+
+A fixed number of steps (not a time budget) keeps the cached model identical on every machine.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import open_clip
+import torch
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from open_clip.loss import ClipLoss
+from tqdm.auto import tqdm
+
+from flbench.datasets.synthetic import CAPTIONS, pretraining_corpus
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PRETRAIN = dict(steps=300, batch_size=256, lr=1e-3, weight_decay=0.1, warmup=30, corpus=16384, seed=0,
+                        corpus_seed=7)
+
+
+def _captions(meta: list[tuple[str, str]], indices: np.ndarray, rng: np.random.Generator) -> list[str]:
+    captions = []
+    for i in indices:
+        classname, domain = meta[i]
+        templates = CAPTIONS[domain]
+        captions.append(templates[rng.integers(len(templates))].format(classname))
+    return captions
+
+
+def pretrain_tiny_clip(model: open_clip.CLIP, steps: int, batch_size: int, lr: float, weight_decay: float,
+                       warmup: int, corpus: int, seed: int, corpus_seed: int) -> None:
+    """Train `model` in place with the CLIP loss; random horizontal flips are the only augmentation."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    size = int(model.visual.image_size if isinstance(model.visual.image_size, int) else model.visual.image_size[0])
+    images, meta = pretraining_corpus(corpus, suite_seed=corpus_seed, image_size=size)
+    tokenizer = open_clip.SimpleTokenizer(context_length=model.context_length)
+    mean = torch.tensor(OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_DATASET_STD).view(1, 3, 1, 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    loss_fn = ClipLoss()
+    model.train()
+    progress = tqdm(range(steps), desc="pretraining tiny CLIP", unit="step", mininterval=2.0)
+    for _ in progress:
+        idx = rng.choice(len(images), size=batch_size, replace=False)
+        batch = images[torch.as_tensor(idx)].float().div_(255.0)
+        flip = torch.as_tensor(rng.random(batch_size) < 0.5)
+        batch[flip] = batch[flip].flip(-1)
+        text = tokenizer(_captions(meta, idx, rng))
+        image_features, text_features, logit_scale = model((batch - mean) / std, text)
+        loss = loss_fn(image_features, text_features, logit_scale)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        progress.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    model.eval()

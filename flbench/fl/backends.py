@@ -1,0 +1,115 @@
+"""Two ways to run the same ServerApp and ClientApp: Flower's Ray simulation engine, or in-process.
+
+`inprocess` is a minimal Flower `Grid` that delivers each message by calling the ClientApp directly, one client
+after another, with one persistent `Context` per client. It exists for tests, debugging and small machines: no Ray
+start-up, no worker processes, and identical metrics to `ray` for the same seed. It implements Flower's public
+`Grid` interface but sets a message id the way Flower's own in-memory grid does, so flwr stays pinned.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.serverapp import Grid, ServerApp
+from flwr.supercore.task_identity import TaskIdentity
+from flbench.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+CLIENT_ERROR_CODE = 1  # Flower's code for an exception raised inside a ClientApp
+FIRST_CLIENT_NODE_ID = 100  # Flower reserves small ids (the SuperLink is node 1)
+
+
+class InProcessGrid(Grid):
+    """Sequential, in-process delivery of messages to `num_nodes` ClientApp instances."""
+
+    def __init__(self, client_app: ClientApp, num_nodes: int, run_config: Mapping[str, Any] | None = None) -> None:
+        self.client_app = client_app
+        self._run = None
+        # partition-id is what a client uses to find its shard; node ids only need to differ from the server's.
+        self.contexts = {
+            node_id: Context(run_id=0, node_id=node_id, state=RecordDict(), run_config=dict(run_config or {}),
+                             node_config={"partition-id": node_id - FIRST_CLIENT_NODE_ID, "num-partitions": num_nodes})
+            for node_id in range(FIRST_CLIENT_NODE_ID, FIRST_CLIENT_NODE_ID + num_nodes)
+        }
+        self._replies: dict[str, Message] = {}
+
+    def set_run(self, run: Any) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Any:
+        return self._run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def _deliver(self, message: Message) -> Message:
+        context = self.contexts[message.metadata.dst_node_id]
+        try:
+            return self.client_app(message, context)
+        except Exception as exc:  # a failing client is a failed reply, as in Flower's engines, not a crashed run
+            log.warning("client %s failed: %s", context.node_config["partition-id"], exc)
+            return Message(Error(code=CLIENT_ERROR_CODE, reason=f"{type(exc).__name__}: {exc}"), reply_to=message)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for message in messages:
+            message_id = uuid.uuid4().hex
+            message.metadata.__dict__["_message_id"] = message_id
+            self._replies[message_id] = self._deliver(message)
+            ids.append(message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self._replies.pop(i) for i in message_ids if i in self._replies]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self.pull_messages(self.push_messages(messages))
+
+
+def run_inprocess(server_app: ServerApp, client_app: ClientApp, num_clients: int) -> None:
+    # Flower stamps new messages with the process's task identity, which its own runtimes set before a ServerApp.
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 0, SUPERLINK_NODE_ID
+    grid = InProcessGrid(client_app, num_clients)
+    server_app(grid, Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}))
+
+
+def run_ray(server_app: ServerApp, client_app: ClientApp, num_clients: int, cfg: Mapping[str, Any]) -> None:
+    """Flower's simulation engine. Each Ray worker builds the experiment once and reuses it for its clients."""
+    from flwr.simulation import run_simulation
+
+    init_args: dict[str, Any] = {"num_cpus": int(cfg.get("num_cpus") or os.cpu_count() or 1),
+                                 "include_dashboard": False, "_temp_dir": cfg.get("temp_dir") or
+                                 tempfile.mkdtemp(prefix="flbench-ray-")}
+    if cfg.get("address"):
+        init_args = {"address": cfg["address"]}
+    backend_config = {
+        "init_args": init_args,
+        "client_resources": {"num_cpus": float(cfg.get("client_cpus", 1)), "num_gpus": float(cfg.get("client_gpus", 0))},
+    }
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_clients,
+                   backend_config=backend_config, verbose_logging=False)
+
+
+def run_federation(server_app: ServerApp, client_app: ClientApp, num_clients: int, backend: Mapping[str, Any]) -> None:
+    name = backend.get("name", "inprocess")
+    if name == "inprocess":
+        run_inprocess(server_app, client_app, num_clients)
+    elif name == "ray":
+        run_ray(server_app, client_app, num_clients, backend)
+    else:
+        raise ConfigError(f"backend.name={name!r} is unknown; choose inprocess or ray")

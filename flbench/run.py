@@ -1,0 +1,106 @@
+"""One experiment: resolved config → federation → Flower run → RunRecord (+ W&B run).
+
+    run(cfg) validates, skips a run whose record exists (unless force), builds the experiment, evaluates the
+    zero-shot baseline on the same backbone and splits, runs the federation on the chosen backend, selects the
+    reported round on validation data, and writes the record atomically — only after everything succeeded.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from flbench.engine import evaluate_accuracy
+from flbench.experiment import Experiment, config_hash, get_experiment
+from flbench.fl.backends import run_federation
+from flbench.fl.client_app import make_client_app
+from flbench.fl.server_app import RoundLog, make_server_app
+from flbench.metrics import summarise
+from flbench.results.record import (SCHEMA_VERSION, code_version, environment, load_record, record_path,
+                                    result_config, write_record)
+from flbench.results.wandb_logger import log_run
+from flbench.validation import validate
+
+log = logging.getLogger("flbench")
+
+
+def _zeroshot_metrics(experiment: Experiment) -> dict[str, float]:
+    """Zero-shot CLIP with the dataset's first template, on the same test splits the method reports."""
+    zeroshot = experiment.new_method("zeroshot")
+    metrics = {}
+    for name, split in experiment.scenario.test.items():
+        zeroshot.set_classnames(split.classnames)
+        metrics[name] = evaluate_accuracy(zeroshot, split.images, split.labels, int(experiment.cfg["eval"]["batch_size"]))
+    return {**metrics, **experiment.scenario.derived(metrics)}
+
+
+def _partition_stats(experiment: Experiment) -> dict[str, Any]:
+    train = experiment.scenario.train
+    num_classes, num_domains = int(train.labels.max()) + 1, len(experiment.bundle.domain_names)
+    return {
+        "client_sizes": [int(len(s)) for s in experiment.shards],
+        "class_histograms": [np.bincount(train.labels[s], minlength=num_classes).tolist() for s in experiment.shards],
+        "domain_histograms": [np.bincount(train.domains[s], minlength=num_domains).tolist() for s in experiment.shards],
+    }
+
+
+def _costs(experiment: Experiment, round_log: RoundLog, wall_time: float) -> dict[str, Any]:
+    method = experiment.fresh()
+    shared = method.shared_bytes()
+    clients_per_round = float(np.mean([r["clients"] for r in round_log.rounds if "clients" in r] or [0]))
+    return {"trainable_params": method.num_trainable(), "shared_params": sum(v.numel() for v in
+                                                                              method.shared_state().values()),
+            "bytes_up_per_client": shared, "bytes_down_per_client": shared,
+            "bytes_per_round": int(round(2 * shared * clients_per_round)), "clients_per_round": clients_per_round,
+            "wall_time_s": round(wall_time, 3)}
+
+
+def run(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Run one experiment from a resolved config (plain dict) and return its record."""
+    validate(cfg)
+    key = config_hash(result_config(cfg))
+    path = record_path(cfg["results_dir"], key)
+    existing = load_record(path)
+    if existing is not None and not cfg.get("force", False):
+        log.info("skipped: a record for this config exists at %s (force=true reruns it)", path)
+        return {**existing, "skipped": True}
+
+    started, t0 = dt.datetime.now(dt.timezone.utc), time.perf_counter()
+    torch.manual_seed(int(cfg["seed"]))
+    experiment = get_experiment(cfg)
+    zeroshot = _zeroshot_metrics(experiment)
+    round_log = RoundLog()
+    if experiment.method.num_trainable() > 0 and int(cfg["num_rounds"]) > 0:
+        run_federation(make_server_app(cfg, round_log), make_client_app(cfg), int(cfg["num_clients"]),
+                       cfg["backend"])
+    else:  # nothing to learn: the run is its own round-0 evaluation
+        round_log.rounds.append({"round": 0, **experiment.evaluate_state({}), "time_s": 0.0})
+    if not round_log.rounds:
+        raise RuntimeError("the federation finished without a single evaluated round (see the log above)")
+
+    scenario = experiment.scenario
+    record = {
+        "schema": SCHEMA_VERSION, "name": _run_name(cfg, key), "config_hash": key, "config": dict(cfg),
+        "seed": int(cfg["seed"]), "code_version": code_version(), "environment": environment(),
+        "started_at": started.isoformat(), "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "selection": scenario.selection, "history": round_log.rounds,
+        "metrics": summarise(round_log.rounds, [f"test/{m}" for m in scenario.reported], scenario.selection),
+        "zeroshot": zeroshot, "costs": _costs(experiment, round_log, time.perf_counter() - t0),
+        "partition": _partition_stats(experiment),
+    }
+    record["metrics"] = {k.removeprefix("test/"): v for k, v in record["metrics"].items()}
+    write_record(path, record)
+    record["wandb_dir"] = log_run(cfg, round_log.rounds, record)
+    log.info("record written to %s", path)
+    return record
+
+
+def _run_name(cfg: Mapping[str, Any], key: str) -> str:
+    return (f"{cfg['algorithm']['name']}-{cfg['protocol']['name']}-{cfg['dataset']['name']}-"
+            f"{cfg['scenario']['name']}-s{cfg['seed']}-{key[:6]}")

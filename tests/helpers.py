@@ -1,0 +1,41 @@
+"""Small, fast configurations for tests, composed from the real conf/ files through Hydra's compose API."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from flbench.backbones.clip import TINY_CONFIGS, FrozenCLIP
+from flbench.cli import CONF_DIR
+
+# A few pretraining steps: the cached model differs from the default one, but it is built in seconds.
+TEST_PRETRAIN = "{steps: 3, batch_size: 32, corpus: 192, warmup: 1}"
+
+SMALL = [
+    "dataset.domains=[photo,noisy]", "dataset.train_per_class=4", "dataset.val_per_class=1",
+    "dataset.test_per_class=2", "shots=2", "num_clients=4", "num_rounds=2", "logger.mode=disabled",
+    f"+backbone.pretrain={TEST_PRETRAIN}",
+]
+
+
+def compose_config(overrides: list[str] | None = None, results_dir: Path | None = None,
+                   small: bool = True) -> dict[str, Any]:
+    extra = list(overrides or [])
+    if results_dir is not None:
+        extra.append(f"results_dir={results_dir}")
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3", job_name="test"):
+        cfg = compose(config_name="config", overrides=(SMALL if small else []) + extra)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved.pop("hydra", None)
+    return resolved
+
+
+def random_tiny(name: str = "tiny", seed: int = 0) -> FrozenCLIP:
+    """An untrained tiny CLIP: enough for tests of mechanics (gradients, states, shapes)."""
+    torch.manual_seed(seed)
+    return FrozenCLIP(open_clip.CLIP(**TINY_CONFIGS[name]), name)

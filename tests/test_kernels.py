@@ -12,14 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-ON_GPU = torch.cuda.is_available()
-if not ON_GPU:
-    # Must precede the first Triton call; flbench.kernels loads its kernels lazily, so import order does not matter.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import flbench.kernels as kernels
+from flbench.kernels import routed_attention, routed_attention_reference
+from flbench.kernels.routed_attention import resolve_backend, routed_attention_triton_with_lse
 
-import flbench.kernels as kernels  # noqa: E402
-from flbench.kernels import routed_attention, routed_attention_reference  # noqa: E402
-from flbench.kernels.routed_attention import resolve_backend, routed_attention_triton_with_lse  # noqa: E402
+ON_GPU = torch.cuda.is_available()
 
 DEVICE = "cuda" if ON_GPU else "cpu"
 GROUPS = (1, 2, 4)
@@ -31,6 +28,9 @@ needs_triton = pytest.mark.skipif(not kernels.triton_available(), reason="triton
 
 @pytest.fixture(autouse=True)
 def _kernel_env(monkeypatch):
+    # Without a GPU the kernels run in the Triton interpreter. flbench.kernels decorates its kernels on the first
+    # Triton call, reading TRITON_INTERPRET then, so setting it per test works whatever was imported before, and
+    # does not leak into other test files.
     if not ON_GPU:
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.delenv(kernels.BACKEND_ENV_VAR, raising=False)
@@ -281,3 +281,27 @@ def test_import_needs_no_triton_and_no_driver():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": root}
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root, env=env, timeout=120)
+
+
+@needs_triton
+@pytest.mark.skipif(ON_GPU, reason="CPU-only behaviour")
+def test_interpreter_works_when_triton_was_imported_first():
+    # triton decorates its own tl.zeros/tl.max/... at import; the kernels must still run in the interpreter when
+    # TRITON_INTERPRET=1 is set only afterwards (another module imported triton first).
+    code = """
+import os, torch, triton
+os.environ["TRITON_INTERPRET"] = "1"
+from flbench.kernels import routed_attention, routed_attention_reference
+q = torch.randn(1, 2, 5, 16, requires_grad=True)
+k = [torch.randn(1, 2, 3, 16), torch.randn(1, 1, 2, 16)]
+pos = [torch.tensor([[0, 2, 4]]), torch.tensor([[1, 3]])]
+out = routed_attention(q, k, k, pos, (1, 2), True, backend="triton")
+out.sum().backward()
+torch.testing.assert_close(out, routed_attention_reference(q, k, k, pos, (1, 2), True), atol=1e-5, rtol=1e-5)
+assert torch.isfinite(q.grad).all()
+"""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = root
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -8,6 +8,7 @@ mode (compiled / interpreted), because ``@triton.jit`` reads that variable when 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import math
@@ -58,6 +59,31 @@ def _kernels(interpret: bool) -> ModuleType:
         _kernel_modules[interpret] = module
         logger.debug("loaded routed-attention Triton kernels (interpreter=%s)", interpret)
     return module
+
+
+@contextlib.contextmanager
+def _interpretable_triton_stdlib(interpret: bool):
+    """Let interpreted kernels call ``tl.zeros``/``tl.max``/``tl.sum`` even when triton was imported in compiled mode.
+
+    Those are themselves ``@triton.jit`` functions, decorated when ``triton`` is first imported: if that happened
+    before ``TRITON_INTERPRET=1`` was set, an interpreted kernel calling them fails ("Cannot call @triton.jit'd
+    outside of the scope of a kernel"). For the duration of our interpreted launch only, swap in interpreted twins.
+    """
+    if not interpret:
+        yield
+        return
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    swapped = {name: obj for name, obj in vars(tl).items() if type(obj) is JITFunction}
+    for name, obj in swapped.items():
+        setattr(tl, name, InterpretedFunction(obj.fn))
+    try:
+        yield
+    finally:
+        for name, obj in swapped.items():
+            setattr(tl, name, obj)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -146,7 +172,8 @@ class _RoutedAttentionFn(torch.autograd.Function):
     def forward(ctx, causal: bool, scale: float, groups: tuple[int, ...], q: torch.Tensor, *kvp: torch.Tensor):
         n = len(groups)
         keys, values, positions = kvp[:n], kvp[n : 2 * n], kvp[2 * n :]
-        out, lse2, live = _forward(q, keys, values, positions, groups, causal, scale)
+        with _interpretable_triton_stdlib(_interpreting()):
+            out, lse2, live = _forward(q, keys, values, positions, groups, causal, scale)
         ctx.save_for_backward(q, out, lse2, *keys, *values, *positions)
         ctx.causal, ctx.scale, ctx.groups, ctx.live = causal, scale, groups, live
         return out
@@ -158,8 +185,9 @@ class _RoutedAttentionFn(torch.autograd.Function):
         keys, values, positions = rest[:n], rest[n : 2 * n], rest[2 * n :]
         need_q = ctx.needs_input_grad[3]
         need_kv = [ctx.needs_input_grad[4 + e] or ctx.needs_input_grad[4 + n + e] for e in range(n)]
-        dq, dks, dvs = _backward(q, keys, values, positions, ctx.groups, ctx.causal, ctx.scale, out, lse2, d_out,
-                                 ctx.live, need_q, need_kv)
+        with _interpretable_triton_stdlib(_interpreting()):
+            dq, dks, dvs = _backward(q, keys, values, positions, ctx.groups, ctx.causal, ctx.scale, out, lse2,
+                                     d_out, ctx.live, need_q, need_kv)
         return (None, None, None, dq, *dks, *dvs, *([None] * n))
 
 
@@ -255,7 +283,7 @@ def routed_attention_triton_with_lse(q, keys, values, positions, group_sizes, ca
     validate_routed_inputs(q, keys, values, positions, group_sizes)
     _check_triton_runnable(q)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    with torch.no_grad():
+    with torch.no_grad(), _interpretable_triton_stdlib(_interpreting()):
         out, lse2, _ = _forward(q, keys, values, positions, tuple(group_sizes), causal, scale)
     return out, lse2 * math.log(2.0)
 

@@ -61,22 +61,25 @@ def capacities(seq_len: int, ratios: tuple[float, ...]) -> list[int]:
 
 
 def make_case(batch, seq_len, heads, head_dim, ratios, device, dtype, seed=0):
-    """Dense q/k/v plus the routed layout of the same tokens: compact K/V per expert and their positions."""
+    """Dense q/k/v plus the routed layout of the same tokens: compact K/V per expert and their positions.
+
+    ``perm[b]`` lists the tokens grouped by expert (each group in position order), so ``positions[e]`` is its slice.
+    """
     gen = torch.Generator(device="cpu").manual_seed(seed)
     caps = capacities(seq_len, ratios)
     perm = torch.stack([torch.randperm(seq_len, generator=gen) for _ in range(batch)])
-    positions, start = [], 0
-    for cap in caps:
-        positions.append(perm[:, start : start + cap].sort(dim=1).values.to(device))
-        start += cap
+    bounds = [0, *torch.tensor(caps).cumsum(0).tolist()]
+    perm = torch.cat([perm[:, a:b].sort(dim=1).values for a, b in zip(bounds[:-1], bounds[1:])], dim=1).to(device)
+    positions = [perm[:, a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    dev_gen = torch.Generator(device=device).manual_seed(seed)
 
     def rand(*shape):
-        return torch.randn(*shape, generator=gen).to(device, dtype)
+        return torch.randn(*shape, generator=dev_gen, device=device).to(dtype)
 
     q, k, v = (rand(batch, heads, seq_len, head_dim) for _ in range(3))
     keys = [rand(batch, heads // g, c, head_dim) for c, g in zip(caps, GROUPS)]
     values = [rand(batch, heads // g, c, head_dim) for c, g in zip(caps, GROUPS)]
-    return dict(q=q, k=k, v=v, keys=keys, values=values, positions=positions, caps=caps, perm=perm.to(device))
+    return dict(q=q, k=k, v=v, keys=keys, values=values, positions=positions, caps=caps, perm=perm)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -338,8 +341,8 @@ class RoutedLayer(torch.nn.Module):
 def layer_rows(shape, ratios, width, args, device, dtype, deadline):
     batch, seq_len, heads, _, causal = shape
     case = make_case(batch, seq_len, heads, width // heads, ratios, device, dtype, seed=1)
+    torch.manual_seed(0)  # same input and weights on every run
     x = torch.randn(batch, seq_len, width, device=device, dtype=dtype, requires_grad=True)
-    torch.manual_seed(0)
     dense = DenseLayer(width, heads).to(device, dtype)
     routed = RoutedLayer(width, heads, "triton").to(device, dtype)
     reference = RoutedLayer(width, heads, "torch").to(device, dtype)
@@ -387,21 +390,24 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="markdown file to write the tables to")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU under the Triton interpreter")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
+                        help="default: bfloat16 on GPU, float32 for --cpu-smoke")
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--reps", type=int, default=None)
-    parser.add_argument("--budget-s", type=float, default=270.0, help="skip remaining timings after this long")
+    parser.add_argument("--budget-s", type=float, default=240.0,
+                        help="skip the timings not yet started after this many seconds (FlexAttention goes last)")
     args = parser.parse_args(argv)
     started = time.monotonic()
     deadline = started + args.budget_s
     warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
 
     if args.cpu_smoke:
-        device, dtype, shapes, width = torch.device("cpu"), torch.float32, SMOKE_SHAPES, 128
+        device, dtype, shapes, width = torch.device("cpu"), getattr(torch, args.dtype or "float32"), SMOKE_SHAPES, 128
         args.warmup, args.reps = args.warmup or 1, args.reps or 3
     else:
         if not torch.cuda.is_available():
             sys.exit("no CUDA device: run on an NVIDIA GPU, or use --cpu-smoke for the CPU interpreter check")
-        device, dtype, shapes, width = torch.device("cuda"), torch.bfloat16, GPU_SHAPES, 768
+        device, dtype, shapes, width = torch.device("cuda"), getattr(torch, args.dtype or "bfloat16"), GPU_SHAPES, 768
         args.warmup, args.reps = args.warmup or 5, args.reps or 20
         if hasattr(torch, "_dynamo"):  # one FlexAttention compile per expert shape: raise the recompile limit
             for knob in ("cache_size_limit", "recompile_limit"):

@@ -119,8 +119,9 @@ def _launch_config(q: torch.Tensor, max_slots: int) -> _LaunchConfig:
         bm, bn = _pow2(seq_len), _pow2(max_slots)
         cfg = (bm, bn, 1, 1)
         return _LaunchConfig(True, True, "ieee", block_d, cfg, cfg, cfg)
-    # GPU blocks below were checked by compiling for sm_90 (triton 3.8) and reading ptxas's resource usage: none
-    # spills registers beyond a few dozen bytes, all stay under 110 KB of shared memory. Not tuned by timing.
+    # GPU blocks below were checked by compiling for sm_90 with triton 3.6 and 3.8 (no GPU needed, see
+    # tests/test_kernels_compile.py) and reading ptxas's resource usage: at most 56 bytes of register spills and
+    # 57 KB of shared memory. They are not tuned by timing: no GPU was available when they were chosen.
     bm_cap = _pow2(seq_len)  # short sequences do not need 128-row query blocks
     if q.dtype == torch.float32:
         # torch's own switch decides TF32: "highest" (its default) keeps fp32 parity with the reference.
@@ -168,6 +169,8 @@ def _group_args(groups: Sequence[int]) -> dict:
 
 
 class _RoutedAttentionFn(torch.autograd.Function):
+    """Inputs after the three constants: q, keys..., values..., positions... (E of each; positions get no grad)."""
+
     @staticmethod
     def forward(ctx, causal: bool, scale: float, groups: tuple[int, ...], q: torch.Tensor, *kvp: torch.Tensor):
         n = len(groups)
@@ -179,6 +182,7 @@ class _RoutedAttentionFn(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, d_out: torch.Tensor):
         n = len(ctx.groups)
         q, out, lse2, *rest = ctx.saved_tensors

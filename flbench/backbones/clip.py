@@ -106,7 +106,12 @@ class FrozenCLIP(nn.Module):
 
 
 def _tiny_key(name: str, pretrain: Mapping[str, Any]) -> str:
-    blob = json.dumps({"config": TINY_CONFIGS[name], "pretrain": dict(pretrain)}, sort_keys=True)
+    """Cache key: model config, pretraining settings, and the version of the corpus (renderer and captions)."""
+    from flbench.datasets.render import RENDER_VERSION
+    from flbench.datasets.synthetic import CAPTIONS
+
+    blob = json.dumps({"config": TINY_CONFIGS[name], "pretrain": dict(pretrain), "render": RENDER_VERSION,
+                       "captions": CAPTIONS}, sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from flbench.datasets.base import DatasetBundle, TensorImageSet
-from flbench.datasets.render import COLOURS, PATTERNS, RenderSpec, render_many
+from flbench.datasets.render import COLOURS, PATTERNS, RENDER_VERSION, RenderSpec, render_many
 from flbench.io import atomic_write, cache_dir
 from flbench.errors import ConfigError
 
@@ -101,7 +101,7 @@ def render_split(family: Family, domains: tuple[str, ...], split: str, per_class
     generated and the pretraining split never shares an image with the benchmark splits.
     """
     labels = list(range(family.num_classes)) if labels is None else labels
-    key = hashlib.sha1(repr((family.name, domains, split, per_class, suite_seed, image_size, labels)).encode())
+    key = hashlib.sha1(repr((RENDER_VERSION, family.name, domains, split, per_class, suite_seed, image_size, labels)).encode())
     path = cache_dir() / "synthetic" / f"{family.name}-{split}-{key.hexdigest()[:16]}.npz"
     if cache and path.exists():
         with np.load(path) as stored:
@@ -143,10 +143,10 @@ def load_synthetic(family: str = "shapes", domains: tuple[str, ...] | list[str] 
                          **splits)
 
 
-# Caption templates for pretraining: varied on purpose, so the benchmark's "a photo of a {}." is one phrasing among
-# many and a learned prompt has something to find.
+# Caption templates for pretraining. None is the benchmark's "a photo of a {}.": like web alt-text, the captions a
+# CLIP learns from never match the hand-crafted template exactly, which is the gap prompt learning exists to close.
 CAPTIONS = {
-    "photo": ("a photo of a {}.", "a {}.", "a picture of the {}.", "a shaded {}.", "{}", "a photo of the {}."),
+    "photo": ("a picture of the {}.", "an image showing a {}.", "a shaded {}.", "{}", "the {} in a photograph."),
     "sketch": ("a sketch of a {}.", "a drawing of the {}.", "an outline of a {}.", "a {} sketch.", "{}"),
     "cartoon": ("a cartoon of a {}.", "a flat {}.", "an illustration of a {}.", "a {} cartoon.", "{}"),
 }

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from flbench.engine import train_local
@@ -22,6 +22,7 @@ from flbench.fl.protocols import get_protocol
 log = logging.getLogger(__name__)
 
 LOCAL_KEY = "flbench.local"
+CLIENT_META = "flbench.client"
 
 
 def to_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
@@ -62,6 +63,7 @@ def make_client_app(cfg: Mapping[str, Any]) -> ClientApp:
             "arrays": ArrayRecord(method.shared_state()),
             "metrics": MetricRecord({"num-examples": result.num_examples, "train_loss": result.loss,
                                      "local_steps": result.steps}),
+            CLIENT_META: ConfigRecord({"partition-id": partition_id}),
         })
         protocol.client.finish(method, global_state, result, config, context.state, reply)
         return Message(reply, reply_to=msg)

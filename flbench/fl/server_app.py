@@ -13,12 +13,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from flbench.experiment import derive_seed, get_experiment
-from flbench.fl.client_app import to_state
+from flbench.fl.client_app import CLIENT_META, to_state
 from flbench.fl.protocols import get_protocol, sampling_kwargs
 
 log = logging.getLogger("flbench")
@@ -42,6 +43,19 @@ def _progress_line(row: Mapping[str, float], num_rounds: int, selection: str) ->
     parts += [f"{k} {v:5.1f}" for k, v in row.items() if k.startswith("test/") and "/domain/" not in k]
     parts.append(f"({row['time_s']:.1f} s)")
     return "  ".join(parts)
+
+
+def _partition_of(reply: Message) -> int:
+    return -1 if reply.has_error() else int(reply.content[CLIENT_META]["partition-id"])
+
+
+def in_partition_order(strategy: Strategy) -> Strategy:
+    """Aggregate replies in partition order, not arrival order: floating-point sums then do not depend on which
+    Ray worker finished first, so the same seed gives the same numbers on every backend."""
+    aggregate_train = strategy.aggregate_train
+    strategy.aggregate_train = lambda server_round, replies: aggregate_train(  # type: ignore[method-assign]
+        server_round, sorted(replies, key=_partition_of))
+    return strategy
 
 
 def make_server_app(cfg: Mapping[str, Any], round_log: RoundLog) -> ServerApp:
@@ -71,7 +85,7 @@ def make_server_app(cfg: Mapping[str, Any], round_log: RoundLog) -> ServerApp:
 
         common = dict(sampling_kwargs(cfg["protocol"], int(cfg["num_clients"])), fraction_evaluate=0.0,
                       train_metrics_aggr_fn=aggregate_train_metrics)
-        strategy = protocol.strategy(cfg["protocol"], common)
+        strategy = in_partition_order(protocol.strategy(cfg["protocol"], common))
         method = experiment.fresh()
         result = strategy.start(grid=grid, initial_arrays=ArrayRecord(method.shared_state()), num_rounds=num_rounds,
                                 train_config=ConfigRecord({}), evaluate_fn=evaluate)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from functools import cached_property
 from typing import Any
 
@@ -106,13 +106,11 @@ class Experiment:
                                                             int(self.cfg["eval"]["batch_size"]), cached)
         return metrics
 
-    def evaluate_state(self, state: Mapping[str, torch.Tensor]) -> dict[str, float]:
-        """Validation and test metrics of a shared state (what the server holds after aggregation)."""
+    def evaluate_state(self, history: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, float]:
+        """Validation and test metrics of the model the server reports after the latest aggregate in `history`
+        (the aggregated shared states so far, oldest first; see PromptMethod.reported_state)."""
         method = self.fresh()
-        method.load_partial(state)
-        reported = method.reported_state()
-        if reported is not None:
-            method.load_partial(reported)
+        method.load_partial(method.reported_state(history))
         metrics = {**self.evaluate(method, self.scenario.val, "val"), **self.evaluate(method, self.scenario.test, "test")}
         for name, value in self.scenario.derived({k: metrics[f"test/{k}"] for k in self.scenario.test}).items():
             metrics[f"test/{name}"] = value

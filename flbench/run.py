@@ -80,7 +80,7 @@ def run(cfg: Mapping[str, Any]) -> dict[str, Any]:
         run_federation(make_server_app(cfg, round_log), make_client_app(cfg), int(cfg["num_clients"]),
                        cfg["backend"])
     else:  # nothing to learn: the run is its own round-0 evaluation
-        round_log.rounds.append({"round": 0, **experiment.evaluate_state({}), "time_s": 0.0})
+        round_log.rounds.append({"round": 0, **experiment.evaluate_state([{}]), "time_s": 0.0})
     if not round_log.rounds:
         raise RuntimeError("the federation finished without a single evaluated round (see the log above)")
 

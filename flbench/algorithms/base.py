@@ -91,15 +91,13 @@ class PromptMethod(nn.Module):
             for key, value in state.items():
                 own[key].copy_(torch.as_tensor(value))
 
-    def aggregate(self, states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float],
-                  server_round: int) -> dict[str, torch.Tensor]:
-        """Server-side aggregation of shared states. Default: weighted mean (FedAvg)."""
-        total = float(sum(weights))
-        return {k: sum(w / total * s[k] for s, w in zip(states, weights)) for k in states[0]}
+    def reported_state(self, history: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Server side: the shared state to evaluate, given every aggregated state so far (oldest first).
 
-    def reported_state(self) -> dict[str, torch.Tensor] | None:
-        """A different state to evaluate than the one trained (PromptSRC's Gaussian average); None = the same."""
-        return None
+        Default: the latest aggregate. PromptSRC overrides this with its Gaussian average over rounds; the
+        training prompt that goes back to the clients is never replaced by it.
+        """
+        return dict(history[-1])
 
     # --- class names -----------------------------------------------------------------------------------------
     def set_classnames(self, classnames: Sequence[str]) -> None:

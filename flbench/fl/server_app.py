@@ -30,6 +30,7 @@ class RoundLog:
     """What the server saw, round by round: one flat metrics dict per round (round 0 = before training)."""
 
     rounds: list[dict[str, float]] = field(default_factory=list)
+    aggregates: list[dict[str, Any]] = field(default_factory=list)  # the shared state after each round
     final_state: dict[str, Any] = field(default_factory=dict)
     pending_train: dict[str, float] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
@@ -75,7 +76,8 @@ def make_server_app(cfg: Mapping[str, Any], round_log: RoundLog) -> ServerApp:
             return metrics
 
         def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-            metrics = experiment.evaluate_state(to_state(arrays))
+            round_log.aggregates.append(to_state(arrays))
+            metrics = experiment.evaluate_state(round_log.aggregates)
             row = {"round": server_round, **round_log.pending_train, **metrics,
                    "time_s": time.perf_counter() - round_log.started}
             round_log.pending_train = {}

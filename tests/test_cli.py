@@ -1,0 +1,44 @@
+"""The front door: `python -m flbench` as a subprocess, on the small config, and its error path."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from helpers import SMALL
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cli(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "flbench", *args, f"results_dir={tmp_path / 'results'}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_runs_and_writes_one_record(tmp_path):
+    done = _cli(SMALL, tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "round   2/2" in done.stdout and "zero-shot" in done.stdout and "trainable parameters: 512" in done.stdout
+    records = list((tmp_path / "results" / "records").glob("*.json"))
+    assert len(records) == 1
+    record = json.loads(records[0].read_text())
+    assert record["config"]["num_rounds"] == 2 and record["complete"] is True
+
+
+def test_bad_config_exits_nonzero_with_one_line_and_writes_nothing(tmp_path):
+    for override, key in (("partition.alpha=0", "partition.alpha"), ("shots=0", "shots"),
+                          ("algorithm.class_token_position=left", "class_token_position"),
+                          ("num_clients=100000", "num_clients")):
+        done = _cli([*SMALL, "partition=dirichlet", override], tmp_path)
+        assert done.returncode == 2, (override, done.stderr[-1500:])
+        message = done.stderr.strip().splitlines()
+        assert len(message) == 1 and message[0].startswith("flbench: error:") and key in message[0], message
+        assert not (tmp_path / "results").exists(), f"{override} wrote results"
+
+
+def test_cfg_job_prints_the_resolved_config(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "flbench", "--cfg", "job"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and "algorithm:" in done.stdout and "name: coop" in done.stdout

@@ -80,11 +80,14 @@ class InProcessGrid(Grid):
         return self.pull_messages(self.push_messages(messages))
 
 
-def run_inprocess(server_app: ServerApp, client_app: ClientApp, num_clients: int) -> None:
+def run_inprocess(server_app: ServerApp, client_app: ClientApp, num_clients: int,
+                  grid: InProcessGrid | None = None) -> InProcessGrid:
+    """Run the federation in this process; returns the grid, whose `contexts` hold each client's state (tests)."""
     # Flower stamps new messages with the process's task identity, which its own runtimes set before a ServerApp.
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 0, SUPERLINK_NODE_ID
-    grid = InProcessGrid(client_app, num_clients)
+    grid = grid if grid is not None else InProcessGrid(client_app, num_clients)
     server_app(grid, Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}))
+    return grid
 
 
 def run_ray(server_app: ServerApp, client_app: ClientApp, num_clients: int, cfg: Mapping[str, Any]) -> None:

@@ -1,0 +1,59 @@
+"""The leaderboard: the aggregated table as a W&B Table (one run of job type "leaderboard") and as local files.
+
+The local markdown/HTML copy is always written, so the leaderboard exists without a W&B account; the W&B run is
+offline unless the user asks for online mode (then `wandb sync` or online mode publishes it to the project).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from flbench.io import atomic_write
+from flbench.results.tables import Table, to_html, to_markdown
+
+log = logging.getLogger(__name__)
+
+TABLE_KEY = "leaderboard"
+
+
+def leaderboard_rows(table: Table) -> tuple[list[str], list[list[Any]]]:
+    """Columns and rows for a W&B Table: numbers stay numbers (mean and std side by side) so W&B can sort them."""
+    columns = [*table.row_keys]
+    for column in table.columns:
+        columns += [column.label, f"{column.label} (std)"]
+    columns.append("seeds")
+    data = []
+    for row, line in zip(table.rows, table.cells):
+        values: list[Any] = list(row)
+        for cell in line:
+            values += [cell.mean, cell.std]
+        values.append(max((c.n for c in line), default=0))
+        data.append(values)
+    return columns, data
+
+
+def write_local(table: Table, out_dir: str | Path, title: str = "flbench leaderboard") -> list[Path]:
+    out = Path(out_dir)
+    return [atomic_write(out / "leaderboard.md", lambda f: f.write(f"# {title}\n\n{to_markdown(table)}"), mode="w"),
+            atomic_write(out / "leaderboard.html", lambda f: f.write(to_html(table, title)), mode="w")]
+
+
+def push_wandb(table: Table, project: str = "flbench", entity: str | None = None, mode: str = "offline",
+               run_dir: str | Path = "results/wandb", name: str = "leaderboard",
+               config: dict[str, Any] | None = None) -> str:
+    """Log the table as a W&B Table in its own run; returns that run's local folder."""
+    import wandb
+
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("WANDB_SILENT", "true")
+    columns, data = leaderboard_rows(table)
+    run = wandb.init(project=project, entity=entity, mode=mode, dir=str(run_dir), name=name, job_type="leaderboard",
+                     config=config or {}, reinit="finish_previous")
+    try:
+        run.log({TABLE_KEY: wandb.Table(columns=columns, data=data)})
+        return str(Path(run.dir).parent)
+    finally:
+        run.finish()

@@ -31,6 +31,9 @@ class PromptMethod(nn.Module):
     name: ClassVar[str]
     # True when encode() depends on no trainable parameter: image features may then be computed once and reused.
     frozen_image_side: ClassVar[bool] = True
+    # For docs/methods.md (`python -m flbench.methods_doc`): the paper, and the loss terms beyond cross-entropy.
+    paper: ClassVar[str] = ""
+    extra_loss: ClassVar[str] = ""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -103,6 +106,13 @@ class PromptMethod(nn.Module):
     def set_classnames(self, classnames: Sequence[str]) -> None:
         """Switch to other class names (base→novel, cross-dataset). Methods with per-class parameters refuse."""
         self.classnames = list(classnames)
+
+    def extra_metrics(self, training: Mapping[str, Any]) -> dict[str, Any]:
+        """Method-specific figures for the run record's `method` section (e.g. DP-FPL's privacy budget).
+
+        `training` describes what ran: num_rounds, epochs, batch_size, client_sizes, clients_per_round.
+        """
+        return {}
 
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)

@@ -1,0 +1,61 @@
+"""Sweeps: a synthetic twin per table with seeds in its grid; a 4-job synthetic multirun writes four records in one
+W&B group, and running the same command again skips all four (grid validity: test_sweep_grids.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from helpers import SMALL
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = sorted((ROOT / "conf" / "experiment").glob("*.yaml"))
+
+
+def _grid(path: Path) -> dict[str, list[str]]:
+    params = ((yaml.safe_load(path.read_text()) or {}).get("hydra") or {}).get("sweeper", {}).get("params") or {}
+    return {key: [v.strip() for v in str(values).split(",")] for key, values in params.items()}
+
+
+def test_there_is_a_synthetic_twin_for_every_table():
+    names = {p.stem for p in EXPERIMENTS}
+    for table in ("global", "base2novel", "personal", "fewshot", "multidomain", "xdomain", "xdataset", "protocols",
+                  "efficiency"):
+        assert f"synthetic_{table}" in names
+    for path in EXPERIMENTS:
+        assert path.read_text().startswith("# @package _global_"), path.name
+        assert "seed" in _grid(path), f"{path.name}: seeds must be part of the grid"
+
+
+def _multirun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    return subprocess.run([sys.executable, "-m", "flbench", "--multirun", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_four_job_sweep_writes_four_records_in_one_group_and_rerun_skips_them(tmp_path):
+    results = tmp_path / "results"
+    args = ["experiment=synthetic_global", *SMALL, "logger.mode=offline", f"results_dir={results}",
+            "algorithm=coop,zeroshot", "dataset.family=shapes", "seed=0,1"]
+    first = _multirun(args, ROOT)
+    assert first.returncode == 0, first.stderr[-3000:]
+    records = sorted((results / "records").glob("*.json"))
+    assert len(records) == 4
+    seen = {(r["config"]["algorithm"]["name"], r["seed"]) for r in map(lambda p: json.loads(p.read_text()), records)}
+    assert seen == {("coop", 0), ("coop", 1), ("zeroshot", 0), ("zeroshot", 1)}
+    runs = sorted((results / "wandb").glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(runs) == 4 and all(b"synthetic_global" in r.read_bytes() for r in runs), "one W&B group per sweep"
+    stamps = [p.stat().st_mtime_ns for p in records]
+
+    again = _multirun(args, ROOT)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("(skipped: record already existed)") == 4
+    assert "round   1/2" not in again.stdout, "a skipped job must not train"
+    assert [p.stat().st_mtime_ns for p in records] == stamps

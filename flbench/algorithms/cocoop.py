@@ -1,0 +1,66 @@
+"""CoCoOp (Zhou et al., CVPR 2022): instance-conditional prompts — a meta-net maps each image's feature to a bias
+added to every context token, so each image is classified with its own prompt.
+
+Trained: the context vectors and the meta-net (Linear(D, D/16) → ReLU → Linear(D/16, width), on the L2-normalised
+image feature, as the paper). Shared: both. The loss is plain cross-entropy.
+
+Batching: the paper's code loops over the images of a batch (and its recipe uses batch size 1). Here the prompts of a
+whole batch are one tensor [B, 1, n_ctx, width], expanded to every class and encoded in one text-encoder call of
+B·C sequences; `instance_chunk` caps B·C per call so evaluation batches do not exhaust memory.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from flbench.algorithms.base import PromptMethod
+from flbench.algorithms.prompting import TextPrompt, context_length_of, init_context
+from flbench.backbones.clip import FrozenCLIP, normalize
+from flbench.errors import ConfigError
+
+
+class CoCoOp(PromptMethod):
+    name = "cocoop"
+    paper = "CoCoOp (Zhou et al., CVPR 2022)"
+    extra_loss = "—"
+
+    def __init__(self, backbone: FrozenCLIP, classnames: Sequence[str], templates: Sequence[str] = ("a photo of a {}.",),
+                 n_ctx: int = 4, ctx_init: str | None = "a photo of a", class_token_position: str = "end",
+                 meta_hidden_ratio: int = 16, instance_chunk: int = 8192, init_seed: int = 0, **hparams: Any) -> None:
+        super().__init__(backbone, classnames, templates, **hparams)
+        n_ctx = context_length_of(backbone, ctx_init, n_ctx)
+        if n_ctx < 1:
+            raise ConfigError("algorithm.n_ctx must be at least 1")
+        if meta_hidden_ratio < 1:
+            raise ConfigError("algorithm.meta_hidden_ratio must be at least 1")
+        self.ctx = nn.Parameter(init_context(backbone, n_ctx, ctx_init, torch.Generator().manual_seed(init_seed)))
+        vis_dim, hidden = backbone.embed_dim, max(1, backbone.embed_dim // meta_hidden_ratio)
+        self.meta_net = nn.Sequential(OrderedDict([
+            ("linear1", nn.Linear(vis_dim, hidden)), ("relu", nn.ReLU()),
+            ("linear2", nn.Linear(hidden, backbone.text_width))]))
+        self.instance_chunk = max(1, int(instance_chunk))
+        self.prompt = TextPrompt(backbone, classnames, n_ctx, class_token_position)
+
+    def instance_context(self, image_features: torch.Tensor) -> torch.Tensor:
+        """Context per image [B, n_ctx, width]: the shared context shifted by the meta-net's bias."""
+        bias = self.meta_net(normalize(image_features))
+        return self.ctx.unsqueeze(0) + bias.unsqueeze(1)
+
+    def logits(self, encoded: torch.Tensor) -> torch.Tensor:
+        images = normalize(encoded)
+        ctx = self.instance_context(encoded)
+        rows = max(1, self.instance_chunk // self.prompt.num_classes)
+        chunks = []
+        for start in range(0, len(images), rows):
+            text = normalize(self.prompt.encode(ctx[start:start + rows].unsqueeze(1)))  # [b, C, D]
+            chunks.append(torch.einsum("bd,bcd->bc", images[start:start + rows], text))
+        return self.backbone.logit_scale * torch.cat(chunks)
+
+    def set_classnames(self, classnames: Sequence[str]) -> None:
+        super().set_classnames(classnames)
+        self.prompt.set_classnames(classnames)

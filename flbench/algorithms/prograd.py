@@ -1,0 +1,84 @@
+"""ProGrad (Zhu et al., ICCV 2023): prompt-aligned gradient — update the prompt only in directions that do not
+conflict with CLIP's general knowledge.
+
+Two gradients are computed each step: G_d of the task cross-entropy and G_g of KL(p_zs ‖ p_prompt), the divergence of
+the prompt's predictions from zero-shot CLIP's (hand-crafted template, temperature T). The update uses
+
+    G = G_d                                  if G_d · G_g ≥ 0
+    G = G_d − λ · (G_d · G_g / ‖G_g‖²) · G_g   otherwise (λ = 1: the conflicting component is removed entirely)
+
+— the paper's projection rule, implemented in the `backward` hook; the KL is never added to the loss. The dot product
+is taken over the concatenation of all trainable parameters (for ProGrad's single context tensor this is the same as
+per tensor). When ‖G_g‖ = 0 (e.g. at initialisation from the hand-crafted prompt, where the KL is at its minimum)
+nothing is projected. The reported training loss is the task cross-entropy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from flbench.algorithms.base import cosine_logits
+from flbench.algorithms.coop import CoOp
+from flbench.algorithms.prompting import handcrafted_text_features
+from flbench.backbones.clip import FrozenCLIP
+
+
+def prograd_project(task: torch.Tensor, general: torch.Tensor, lam: float = 1.0) -> torch.Tensor:
+    """ProGrad's rule on flat gradients: remove λ times the component of `task` along `general` when they conflict."""
+    dot = torch.dot(task, general)
+    norm2 = torch.dot(general, general)
+    if dot >= 0 or norm2 <= 0:
+        return task
+    return task - lam * (dot / norm2) * general
+
+
+class ProGrad(CoOp):
+    name = "prograd"
+    paper = "ProGrad (Zhu et al., ICCV 2023)"
+    extra_loss = "none added: CE gradient projected off KL(p_zs‖p) gradient when they conflict (λ = 1)"
+
+    def __init__(self, backbone: FrozenCLIP, classnames: Sequence[str], templates: Sequence[str] = ("a photo of a {}.",),
+                 lam: float = 1.0, temperature: float = 1.0, **hparams: Any) -> None:
+        super().__init__(backbone, classnames, templates, **hparams)
+        self.lam, self.temperature = float(lam), float(temperature)
+        self._set_handcrafted(classnames)
+
+    def _set_handcrafted(self, classnames: Sequence[str]) -> None:
+        self.register_buffer("handcrafted", handcrafted_text_features(self.backbone, classnames, self.templates[:1]),
+                             persistent=False)
+
+    def set_classnames(self, classnames: Sequence[str]) -> None:
+        super().set_classnames(classnames)
+        self._set_handcrafted(classnames)
+
+    def kl_to_zeroshot(self, encoded: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """KL(p_zs ‖ p_prompt) at temperature T, scaled by T² (the usual distillation scaling)."""
+        T = self.temperature
+        zeroshot = cosine_logits(self.backbone, encoded, self.handcrafted).detach()
+        return F.kl_div(F.log_softmax(logits / T, -1), F.log_softmax(zeroshot / T, -1), log_target=True,
+                        reduction="batchmean") * T * T
+
+    def gradients(self, encoded: torch.Tensor, labels: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(task loss, flat task gradient G_d, flat general-knowledge gradient G_g)."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        logits = self.logits(encoded)
+        ce = F.cross_entropy(logits, labels)
+        kl = self.kl_to_zeroshot(encoded, logits)
+        task = torch.autograd.grad(ce, params, retain_graph=True)
+        general = torch.autograd.grad(kl, params)
+        return ce.detach(), torch.cat([g.reshape(-1) for g in task]), torch.cat([g.reshape(-1) for g in general])
+
+    def backward(self, encoded: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss, task, general = self.gradients(encoded, labels)
+        update = prograd_project(task, general, self.lam)
+        offset = 0
+        for p in (p for p in self.parameters() if p.requires_grad):
+            g = update[offset:offset + p.numel()].view_as(p)
+            p.grad = g.clone() if p.grad is None else p.grad + g
+            offset += p.numel()
+        return loss

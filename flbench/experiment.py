@@ -18,10 +18,12 @@ import torch
 
 from flbench.algorithms.base import Encoded, PromptMethod, build_method
 from flbench.backbones.clip import FrozenCLIP, load_backbone
+from flbench.backbones.weights import backbone_image_size
 from flbench.datasets import load_dataset
 from flbench.datasets.base import DatasetBundle, ImageSet
 from flbench.datasets.partition import partition
 from flbench.engine import encode_all, evaluate_accuracy
+from flbench.errors import ConfigError
 from flbench.scenarios import EvalSplit, ScenarioData, build_scenario
 
 log = logging.getLogger(__name__)
@@ -41,9 +43,14 @@ class Experiment:
     def __init__(self, cfg: Mapping[str, Any]) -> None:
         self.cfg = cfg
         self.seed = int(cfg["seed"])
-        self.bundle: DatasetBundle = load_dataset(cfg["dataset"])
+        # the dataset first (a wrong data root fails before large weights load), at the backbone's resolution
+        self.bundle: DatasetBundle = load_dataset(cfg["dataset"], image_size=backbone_image_size(cfg["backbone"]))
         self.scenario: ScenarioData = build_scenario(cfg["scenario"]["name"], self.bundle,
                                                      {k: v for k, v in cfg["scenario"].items() if k != "name"})
+        if len(self.scenario.train) == 0:
+            raise ConfigError(f"dataset {self.bundle.name} has no training images under scenario="
+                              f"{cfg['scenario']['name']} (ImageNet-V2/-Sketch/-A/-R are test-only targets of a "
+                              "cross-domain scenario, e.g. +experiment=real_imagenet_xdomain)")
         part = cfg["partition"]
         self.shards: list[np.ndarray] = partition(
             part["name"], self.scenario.train.labels, self.scenario.train.domains, int(cfg["num_clients"]),

@@ -134,16 +134,13 @@ def build_tiny(name: str = "tiny", pretrain: Mapping[str, Any] | None = None,
     return FrozenCLIP(model, name)
 
 
-def build_open_clip(arch: str, pretrained: str | None = None, checkpoint: str | None = None) -> FrozenCLIP:
-    """An open_clip architecture, with a pretrained tag, a local checkpoint, or random weights (both None)."""
-    if arch not in open_clip.list_models():
-        raise ConfigError(f"backbone.arch={arch!r} is not an open_clip architecture (see open_clip.list_models())")
-    model = open_clip.create_model(arch, pretrained=pretrained)
-    if checkpoint:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
-    mean = getattr(model.visual, "image_mean", None) or OPENAI_DATASET_MEAN
-    std = getattr(model.visual, "image_std", None) or OPENAI_DATASET_STD
+def build_open_clip(arch: str, pretrained: str | None = None, checkpoint: str | None = None,
+                    quick_gelu: bool | None = None) -> FrozenCLIP:
+    """An open_clip architecture, with a pretrained tag, a local checkpoint, or random weights (both None).
+    Offline failures, checkpoint formats and QuickGELU: flbench/backbones/weights.py."""
+    from flbench.backbones.weights import create_model
+
+    model, mean, std = create_model(arch, pretrained, checkpoint, quick_gelu)
     return FrozenCLIP(model, arch, mean, std)
 
 
@@ -157,7 +154,7 @@ def load_backbone(cfg: Mapping[str, Any]) -> FrozenCLIP:
         if cfg.get("name", "").startswith("tiny"):
             backbone = build_tiny(cfg["name"], cfg.get("pretrain"), cfg.get("cache"))
         else:
-            backbone = build_open_clip(cfg["arch"], cfg.get("pretrained"), cfg.get("checkpoint"))
+            backbone = build_open_clip(cfg["arch"], cfg.get("pretrained"), cfg.get("checkpoint"), cfg.get("quick_gelu"))
         _PROCESS_BACKBONES[key] = backbone
     return _PROCESS_BACKBONES[key]
 

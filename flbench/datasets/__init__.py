@@ -14,12 +14,24 @@ Loader = Callable[..., DatasetBundle]
 # name → "module:function"; imported lazily so a user without (say) torchvision datasets still runs the suite.
 LOADERS: dict[str, str] = {
     "synthetic": "flbench.datasets.synthetic:load_synthetic",
+    # real datasets (docs/datasets.md): CoOp's layout and split files, ImageNet and its variants, DomainNet, CIFAR
+    **{name: f"flbench.datasets.coop:load_{name}" for name in (
+        "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101", "fgvc_aircraft", "sun397", "dtd",
+        "eurosat", "ucf101")},
+    **{name: f"flbench.datasets.imagenet:load_{name}" for name in (
+        "imagenet", "imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")},
+    "domainnet": "flbench.datasets.domainnet:load_domainnet",
+    "cifar10": "flbench.datasets.cifar:load_cifar10",
+    "cifar100": "flbench.datasets.cifar:load_cifar100",
 }
 
 
-def load_dataset(cfg: Mapping[str, Any]) -> DatasetBundle:
+def load_dataset(cfg: Mapping[str, Any], image_size: int | None = None) -> DatasetBundle:
+    """The bundle `cfg` names. `image_size` (the backbone's) fills `dataset.image_size` when that is unset (null)."""
     options = dict(cfg)
     name = options.pop("name", None)
+    if options.get("image_size") is None and image_size is not None:
+        options["image_size"] = int(image_size)
     if name not in LOADERS:
         raise ConfigError(f"dataset.name={name!r} is unknown; choose one of {sorted(LOADERS)}")
     module, function = LOADERS[name].split(":")

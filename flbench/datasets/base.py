@@ -71,6 +71,9 @@ class DatasetBundle:
     val: ImageSet
     test: ImageSet
     templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])
+    # Labels the test split is scored over when it covers only some classes (ImageNet-A/-R: 200 of ImageNet's 1000,
+    # labels kept in ImageNet order); scenarios pass it to `class_subset` so logits exist only for these. None: all.
+    test_classes: list[int] | None = None
 
     @property
     def num_classes(self) -> int:

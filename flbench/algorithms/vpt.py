@@ -1,0 +1,56 @@
+"""VPT (Jia et al., ECCV 2022): visual prompt tuning, the image-side baseline of the zoo.
+
+Learns `n_tokens` prompt tokens in the ViT image tower: *shallow* inserts them once, at the input of the first block;
+*deep* gives every block its own tokens, replacing the previous block's prompt outputs. The text side is CLIP's
+frozen zero-shot classifier (the dataset's first template, or the template ensemble). Prompts start uniform in
+±sqrt(6 / (3·patch² + width)) as in the paper. Everything trainable is shared with the server.
+
+The image tower now depends on trained parameters, so image features are never cached (`frozen_image_side=False`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from flbench.algorithms.base import PromptMethod, cosine_logits
+from flbench.algorithms.deep_prompting import vpt_init_range
+from flbench.algorithms.prompting import handcrafted_text_features
+from flbench.backbones import prompted
+from flbench.backbones.clip import FrozenCLIP
+from flbench.errors import ConfigError
+
+
+class VPT(PromptMethod):
+    name = "vpt"
+    frozen_image_side = False
+
+    def __init__(self, backbone: FrozenCLIP, classnames: Sequence[str], templates: Sequence[str] = ("a photo of a {}.",),
+                 n_tokens: int = 8, deep: bool = True, ensemble: bool = False, init_seed: int = 0,
+                 **hparams: Any) -> None:
+        super().__init__(backbone, classnames, templates, **hparams)
+        prompted.require_vit(backbone, self.name)
+        if n_tokens < 1:
+            raise ConfigError(f"algorithm.n_tokens={n_tokens} must be at least 1")
+        self.deep, self.ensemble = bool(deep), bool(ensemble)
+        depth = prompted.vision_layers(backbone) if self.deep else 1
+        bound = vpt_init_range(backbone)
+        generator = torch.Generator().manual_seed(init_seed)
+        prompts = torch.rand(depth, n_tokens, prompted.vision_width(backbone), generator=generator) * 2 * bound - bound
+        self.prompts = nn.Parameter(prompts)
+        self.set_classnames(classnames)
+
+    def set_classnames(self, classnames: Sequence[str]) -> None:
+        super().set_classnames(classnames)
+        templates = self.templates if self.ensemble else self.templates[:1]
+        self.register_buffer("text_features", handcrafted_text_features(self.backbone, classnames, templates),
+                             persistent=False)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return prompted.encode_image_prompted(self.backbone, images, list(self.prompts.unbind(0)))
+
+    def logits(self, encoded: torch.Tensor) -> torch.Tensor:
+        return cosine_logits(self.backbone, encoded, self.text_features)

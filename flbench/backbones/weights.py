@@ -5,7 +5,8 @@
   with what to do, instead of open_clip's ~46 s retry loop.
 - `backbone.checkpoint=PATH`: an open_clip or OpenAI-format *state dict* (`.pt`/`.pth`/`.bin` read with
   `torch.load(weights_only=True)`, or `.safetensors`). Wrappers such as {"state_dict": ...} and DDP "module."
-  prefixes are unwrapped. OpenAI's released `.pt` files are TorchScript archives, i.e. code plus weights: flbench does
+  prefixes are unwrapped. The file wins over `backbone.pretrained`; a tag given as well only describes the file
+  (its QuickGELU and mean/std settings), so `pretrained=openai checkpoint=<hand-downloaded OpenAI weights>` is right. OpenAI's released `.pt` files are TorchScript archives, i.e. code plus weights: flbench does
   not execute them; convert once with `torch.jit.load` (see `JIT_HELP`) or use `backbone.pretrained=openai`, which
   fetches the same weights as a plain state dict.
 - OpenAI's models use QuickGELU; open_clip's plain `ViT-B-16` config uses GELU. The activation is taken from the
@@ -127,8 +128,8 @@ def resolve_tag(arch: str, tag: str) -> tuple[str, dict[str, Any]]:
     if offline or not reachable(host):
         why = "HF_HUB_OFFLINE is set" if offline else f"{host} is unreachable"
         raise ConfigError(f"backbone.pretrained={tag!r}: the {arch} weights are not in the local cache and {why}; run "
-                          f"once where the hub is reachable (they are then cached), or download them and pass "
-                          f"backbone.checkpoint=PATH backbone.pretrained=null")
+                          f"once where the hub is reachable (they are then cached), or download them elsewhere and pass "
+                          f"backbone.checkpoint=PATH")
     log.info("downloading the %s/%s weights (first time only)", arch, tag)
     try:
         return open_clip.download_pretrained(tag_cfg), tag_cfg
@@ -195,17 +196,20 @@ def create_model(arch: str, pretrained: str | None = None, checkpoint: str | Non
     """(model, image mean, image std) for an open_clip architecture with a tag, a checkpoint, or random weights."""
     if arch not in open_clip.list_models():
         raise ConfigError(f"backbone.arch={arch!r} is not an open_clip architecture (see open_clip.list_models())")
-    if pretrained and checkpoint:
-        raise ConfigError("backbone.pretrained and backbone.checkpoint are both set; keep one (the other = null)")
     tag_cfg: dict[str, Any] = {}
     state, openai_format, source = None, False, ""
-    if pretrained:
+    if checkpoint:
+        # the file wins; a tag given as well only says what the file is (QuickGELU, mean/std), nothing is fetched
+        tag_cfg = dict(open_clip.get_pretrained_cfg(arch, pretrained) or {}) if pretrained else {}
+        if pretrained:
+            log.info("backbone.checkpoint=%s is loaded; backbone.pretrained=%r only sets its %s", checkpoint,
+                     pretrained, "QuickGELU and mean/std" if tag_cfg else "nothing (unknown tag)")
+        source = f"backbone.checkpoint={checkpoint}"
+        state, openai_format = read_state_dict(checkpoint)
+    elif pretrained:
         path, tag_cfg = resolve_tag(arch, pretrained)
         source = f"the weights of backbone.pretrained={pretrained!r} ({path})"
         state, openai_format = read_state_dict(path)
-    elif checkpoint:
-        source = f"backbone.checkpoint={checkpoint}"
-        state, openai_format = read_state_dict(checkpoint)
     if quick_gelu is None:
         quick_gelu = bool(tag_cfg.get("quick_gelu", False)) or openai_format
     model = open_clip.create_model(arch, pretrained=None, force_quick_gelu=bool(quick_gelu))

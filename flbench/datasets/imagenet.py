@@ -71,8 +71,9 @@ def list_images(folder: Path) -> list[str]:
 
 
 def list_class_folders(dataset: str, base: Path, folders: list[str], labels: list[int], what: str,
-                       require_all: bool = True) -> Split:
-    """Images of each class folder `base/<folder>`, labelled by `labels` (listed in parallel: 1000 folders)."""
+                       require_all: bool = True, prefix: str = "") -> Split:
+    """Images of each class folder `base/<folder>`, labelled by `labels` (listed in parallel: 1000 folders); paths
+    are `prefix` + "<folder>/<file>"."""
     if not base.is_dir():
         raise ConfigError(f"dataset {dataset}: {what} folder {base} not found")
     missing = [f for f in folders if not (base / f).is_dir()]
@@ -87,7 +88,7 @@ def list_class_folders(dataset: str, base: Path, folders: list[str], labels: lis
         listings = list(pool.map(lambda f: list_images(base / f), [f for f, _ in present]))
     paths, out_labels = [], []
     for (folder, label), names in zip(present, listings):
-        paths += [f"{folder}/{n}" for n in names]
+        paths += [f"{prefix}{folder}/{n}" for n in names]
         out_labels += [label] * len(names)
     return Split.of(paths, out_labels)
 
@@ -98,8 +99,9 @@ def read_imagenet(root: Any, num_classes: int | None = None) -> RawDataset:
     wnids, classnames = read_classnames(dataset, [directory / "classnames.txt"], int(num_classes or 1000))
     images = directory / "images"
     labels = list(range(len(wnids)))
-    test = list_class_folders(dataset, images / "val", wnids, labels, "validation (used as test)")
-    train = lambda: (list_class_folders(dataset, images / "train", wnids, labels, "training"), None)  # noqa: E731
+    test = list_class_folders(dataset, images / "val", wnids, labels, "validation (used as test)", prefix="val/")
+    train = lambda: (list_class_folders(dataset, images / "train", wnids, labels, "training",  # noqa: E731
+                                        prefix="train/"), None)
     return RawDataset(dataset, data_root, directory, images, classnames, full_train=train, test=test,
                       domain_names=[dataset])
 

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 # Keys that change where or how a run is executed or logged, but never its numbers.
-NON_RESULT_KEYS = ("results_dir", "force", "logger", "backend", "verbose", "cache_dir", "eval")
+NON_RESULT_KEYS = ("results_dir", "force", "logger", "backend", "verbose", "cache_dir", "eval", "checkpoint")
 
 
 def result_config(cfg: Mapping[str, Any]) -> dict[str, Any]:

@@ -144,6 +144,8 @@ def test_batch_loading_is_reproducible_and_thread_count_does_not_matter(tmp_path
     torch.manual_seed(0)
     b = four.train.load(idx, train=True)
     assert torch.equal(a, b) and not torch.equal(a, one.train.load(idx, train=True))
+    plain = load(root, "dtd", augment=False).train  # train.augment=false: training batches as at evaluation
+    assert torch.equal(plain.load(idx, train=True), one.train.load(idx))
 
 
 # --- broken roots: one line naming the dataset, the path and what is missing ------------------------------------------

@@ -69,7 +69,8 @@ def read_cifar(dataset: str, root: Any, download: bool = False) -> tuple[list[st
 
 def load_cifar(dataset: str, root: Any = None, shots: int | None = 16, fewshot_seed: int = 0,
                val_shots: int | None = 4, image_size: int | None = None, workers: int | None = None,
-               download: bool = False, fewshot_dir: str | None = None, **_: Any) -> DatasetBundle:
+               download: bool = False, fewshot_dir: str | None = None, augment: bool = True, **_: Any
+               ) -> DatasetBundle:
     classnames, sets = read_cifar(dataset, root, download)
     arrays = {name: (np.asarray(s.data, np.uint8), np.asarray(s.targets, np.int64)) for name, s in sets.items()}
     # few-shot selection works on indices into the training array ("paths" are the indices as strings)
@@ -82,7 +83,7 @@ def load_cifar(dataset: str, root: Any = None, shots: int | None = 16, fewshot_s
 
     def from_train(split: Split) -> ArrayImageSet:
         idx = np.asarray([int(p) for p in split.paths], np.int64)
-        return ArrayImageSet(images[idx], split.labels, None, size, workers)
+        return ArrayImageSet(images[idx], split.labels, None, size, workers, augment)
 
     return DatasetBundle(name=dataset, classnames=classnames, domain_names=[dataset], templates=templates_for(dataset),
                          train=from_train(train), val=from_train(val),

@@ -133,12 +133,13 @@ def read_coop(dataset: str, root: Any, num_classes: int | None = None) -> RawDat
 
 def load_coop(dataset: str, root: Any = None, shots: int | None = 16, fewshot_seed: int = 0, val_shots: int | None = 4,
               image_size: int | None = None, workers: int | None = None, num_classes: int | None = None,
-              fewshot_dir: str | None = None, **_: Any) -> DatasetBundle:
+              fewshot_dir: str | None = None, augment: bool = True, **_: Any) -> DatasetBundle:
     """A CoOp dataset as a bundle whose train split is the cached k-shot subset (see fewshot.py)."""
     if dataset not in SPECS:
         raise ConfigError(f"dataset.name={dataset!r} is not a CoOp dataset; choose one of {sorted(SPECS)}")
     raw = read_coop(dataset, root, num_classes)
-    return build_bundle(raw, shots, fewshot_seed, val_shots, image_size, workers, fewshot_dir, templates_for(dataset))
+    return build_bundle(raw, shots, fewshot_seed, val_shots, image_size, workers, fewshot_dir, templates_for(dataset),
+                        augment)
 
 
 # One loader per dataset name (LOADERS in flbench/datasets/__init__.py maps `dataset.name` to these).

@@ -109,7 +109,7 @@ def read_domainnet(root: Any, domains: list[str] | tuple[str, ...] = DOMAINS, nu
 def load_domainnet(root: Any = None, domains: list[str] | tuple[str, ...] = DOMAINS, shots: int | None = 16,
                    fewshot_seed: int = 0, val_shots: int | None = 4, image_size: int | None = None,
                    workers: int | None = None, num_classes: int | None = None, classes: Any = None,
-                   fewshot_dir: str | None = None, **_: Any) -> DatasetBundle:
+                   fewshot_dir: str | None = None, augment: bool = True, **_: Any) -> DatasetBundle:
     raw = read_domainnet(root, tuple(domains), num_classes, classes)
     # a few-shot file must never be shared between different domain or class selections
     parts = [] if tuple(domains) == DOMAINS else ["+".join(domains)]
@@ -118,4 +118,4 @@ def load_domainnet(root: Any = None, domains: list[str] | tuple[str, ...] = DOMA
                      "c" + hashlib.sha1(repr(list(classes)).encode()).hexdigest()[:8])
     raw.cache_tag = "-".join(parts)
     return build_bundle(raw, shots, fewshot_seed, val_shots, image_size, workers, fewshot_dir,
-                        templates_for("domainnet"))
+                        templates_for("domainnet"), augment)

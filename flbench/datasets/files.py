@@ -83,13 +83,14 @@ class PILImageSet(ImageSet):
     """An image set whose images are PIL images opened one at a time; subclasses implement `open`."""
 
     def __init__(self, labels: Sequence[int] | np.ndarray, domains: Sequence[int] | np.ndarray | None,
-                 image_size: int, workers: int | None = None) -> None:
+                 image_size: int, workers: int | None = None, augment: bool = True) -> None:
         if not image_size or int(image_size) < 1:
             raise ConfigError(f"dataset.image_size={image_size!r} must be a positive integer (null: the backbone's)")
         self.labels = np.asarray(labels, dtype=np.int64)
         self.domains = np.zeros(len(self.labels), np.int64) if domains is None else np.asarray(domains, np.int64)
         self.image_size = int(image_size)
         self.workers = default_workers() if workers is None else max(1, int(workers))
+        self.augment = bool(augment)  # False: training batches get the evaluation preprocessing (train.augment=false)
         self._pool: ThreadPoolExecutor | None = None
 
     def open(self, index: int) -> Image.Image:
@@ -112,7 +113,7 @@ class PILImageSet(ImageSet):
         if len(indices) == 0:
             return torch.zeros(0, 3, self.image_size, self.image_size)
         seeds: list[int | None] = [None] * len(indices)
-        if train:
+        if train and self.augment:
             base = int(torch.randint(0, 2**62, (1,)).item())
             seeds = [base + i for i in range(len(indices))]
         if self.workers == 1 or len(indices) == 1:
@@ -134,8 +135,8 @@ class FileImageSet(PILImageSet):
 
     def __init__(self, paths: Sequence[str], labels: Sequence[int] | np.ndarray,
                  domains: Sequence[int] | np.ndarray | None = None, image_size: int = 224,
-                 workers: int | None = None) -> None:
-        super().__init__(labels, domains, image_size, workers)
+                 workers: int | None = None, augment: bool = True) -> None:
+        super().__init__(labels, domains, image_size, workers, augment)
         if len(paths) != len(self.labels):
             raise ValueError("FileImageSet needs one label per path")
         self.paths = [str(p) for p in paths]
@@ -152,8 +153,8 @@ class ArrayImageSet(PILImageSet):
 
     def __init__(self, images: np.ndarray, labels: Sequence[int] | np.ndarray,
                  domains: Sequence[int] | np.ndarray | None = None, image_size: int = 224,
-                 workers: int | None = None) -> None:
-        super().__init__(labels, domains, image_size, workers)
+                 workers: int | None = None, augment: bool = True) -> None:
+        super().__init__(labels, domains, image_size, workers, augment)
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError("ArrayImageSet expects uint8 images shaped [N, H, W, 3]")
         self.images = images
@@ -220,7 +221,8 @@ def check_root(dataset: str, root: str | os.PathLike | None, directory: str, mar
 
 
 def build_bundle(raw: RawDataset, shots: int | None, fewshot_seed: int, val_shots: int | None, image_size: int | None,
-                 workers: int | None, fewshot_dir: str | None, templates: list[str]) -> DatasetBundle:
+                 workers: int | None, fewshot_dir: str | None, templates: list[str], augment: bool = True
+                 ) -> DatasetBundle:
     """Few-shot train/val (cached), every needed file checked up front, then lazily decoded image sets."""
     train, val = fewshot_splits(raw.name, raw.dataset_dir, raw.full_train, len(raw.classnames), shots,
                                 int(fewshot_seed), val_shots, raw.per_domain, fewshot_dir, raw.cache_tag)
@@ -229,7 +231,7 @@ def build_bundle(raw: RawDataset, shots: int | None, fewshot_seed: int, val_shot
     for split_name, split in (("train", train), ("val", val), ("test", raw.test)):
         paths = [str(raw.image_dir / p) for p in split.paths]
         require_files(raw.name, raw.dataset_dir, paths, split_name)
-        sets[split_name] = FileImageSet(paths, split.labels, split.domains, size, workers)
+        sets[split_name] = FileImageSet(paths, split.labels, split.domains, size, workers, augment)
     log.info("%s: %d classes, %d train / %d val / %d test images at %d px", raw.name, len(raw.classnames),
              len(train), len(val), len(raw.test), size)
     return DatasetBundle(name=raw.name, classnames=list(raw.classnames), domain_names=list(raw.domain_names),

@@ -108,12 +108,12 @@ def read_imagenet(root: Any, num_classes: int | None = None) -> RawDataset:
 
 def load_imagenet(root: Any = None, shots: int | None = 16, fewshot_seed: int = 0, val_shots: int | None = 4,
                   image_size: int | None = None, workers: int | None = None, num_classes: int | None = None,
-                  fewshot_dir: str | None = None, **_: Any) -> DatasetBundle:
+                  fewshot_dir: str | None = None, augment: bool = True, **_: Any) -> DatasetBundle:
     """ImageNet: k-shot training pool (cached; the 1.28 M-file listing happens only on a cache miss), val carved
     from the remaining training images, the official validation set as test."""
     raw = read_imagenet(root, num_classes)
     return build_bundle(raw, shots, fewshot_seed, val_shots, image_size, workers, fewshot_dir,
-                        templates_for("imagenet"))
+                        templates_for("imagenet"), augment)
 
 
 def read_variant(variant: str, root: Any, num_classes: int | None = None, subset_classes: int | None = None

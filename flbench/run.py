@@ -61,6 +61,15 @@ def _costs(experiment: Experiment, round_log: RoundLog, wall_time: float) -> dic
             "wall_time_s": round(wall_time, 3)}
 
 
+def _method_metrics(experiment: Experiment, round_log: RoundLog) -> dict[str, Any]:
+    """The method's own figures for the record (e.g. DP-FPL's privacy budget), given what the run did."""
+    train = experiment.cfg["train"]
+    training = {"num_rounds": int(experiment.cfg["num_rounds"]), "epochs": int(train.get("epochs", 1)),
+                "batch_size": int(train["batch_size"]), "client_sizes": [int(len(s)) for s in experiment.shards],
+                "clients_per_round": [int(r["clients"]) for r in round_log.rounds if "clients" in r]}
+    return experiment.fresh().extra_metrics(training)
+
+
 def run(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Run one experiment from a resolved config (plain dict) and return its record."""
     validate(cfg)
@@ -92,7 +101,7 @@ def run(cfg: Mapping[str, Any]) -> dict[str, Any]:
         "selection": scenario.selection, "history": round_log.rounds,
         "metrics": summarise(round_log.rounds, [f"test/{m}" for m in scenario.reported], scenario.selection),
         "zeroshot": zeroshot, "costs": _costs(experiment, round_log, time.perf_counter() - t0),
-        "partition": _partition_stats(experiment),
+        "partition": _partition_stats(experiment), "method": _method_metrics(experiment, round_log),
     }
     record["metrics"] = {k.removeprefix("test/"): v for k, v in record["metrics"].items()}
     write_record(path, record)

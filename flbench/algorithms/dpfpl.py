@@ -156,6 +156,10 @@ class DPFPL(PersonalPromptMethod):
     def loss(self, encoded: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(self.logits(encoded), labels)
 
+    def set_classnames(self, classnames: Sequence[str]) -> None:
+        super().set_classnames(classnames)
+        self.prompt.set_classnames(classnames)
+
     # --- reporting -----------------------------------------------------------------------------------------------
     def extra_metrics(self, training: Mapping[str, Any]) -> dict[str, Any]:
         if self.noise_multiplier is None:

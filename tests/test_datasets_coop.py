@@ -205,3 +205,27 @@ def test_cli_with_a_broken_root_prints_one_line_and_writes_nothing(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("flbench: error: dataset oxford_flowers: 1 of 15 train images")
     assert "oxford_flowers_class_0/train_0.jpg" in lines[0]
     assert not any(p.is_file() for p in results.rglob("*")) if results.exists() else True
+
+
+def test_prepare_counts_images_and_lists_missing_files(tmp_path, cache, capsys):
+    from flbench.prepare import main
+
+    root = make_coop_root(tmp_path, "oxford_pets")
+    assert main(["oxford_pets", "--root", str(root), "--num-classes", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "3 classes" in out and "train        15 images" in out and "test          9 images" in out
+    assert out.strip().endswith("complete")
+    (root / "oxford_pets" / "images" / "oxford_pets_class_2" / "val_1.jpg").unlink()
+    assert main(["oxford_pets", "--root", str(root), "--num-classes", "3"]) == 2
+    out = capsys.readouterr().out
+    assert "val           6 images, 1 MISSING" in out and "missing: images/oxford_pets_class_2/val_1.jpg" in out
+    assert "How to obtain oxford_pets" in out and "split_zhou_OxfordPets.json" in out
+
+
+def test_prepare_on_a_wrong_root_prints_one_error_line_and_the_steps(tmp_path, capsys):
+    from flbench.prepare import main
+
+    assert main(["fgvc_aircraft", "--root", str(tmp_path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and "dataset fgvc_aircraft: folder fgvc_aircraft/ not found" in captured.err
+    assert "fgvc-aircraft-2013b" in captured.out

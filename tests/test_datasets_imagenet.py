@@ -80,3 +80,15 @@ def test_variant_without_classnames_says_where_it_looked(tmp_path, cache):
     root = make_variant_root(tmp_path, "imagenet_a", num_classes=3, subset=[0])
     with pytest.raises(ConfigError, match="classnames.txt not found"):
         load_dataset({"name": "imagenet_a", "root": str(root), "num_classes": 3, "subset_classes": 1}, image_size=8)
+
+
+def test_a_variant_cannot_be_the_training_dataset(tmp_path, cache):
+    from flbench.experiment import Experiment
+    from helpers import compose_config
+
+    make_imagenet_root(tmp_path, num_classes=3, train=1, val=1)
+    root = make_variant_root(tmp_path, "imagenet_sketch", num_classes=3)
+    cfg = compose_config(["dataset=imagenet_sketch", f"dataset.root={root}", "dataset.num_classes=3",
+                          "logger.mode=disabled"], small=False)
+    with pytest.raises(ConfigError, match="imagenet_sketch has no training images .* test-only targets"):
+        Experiment(cfg)

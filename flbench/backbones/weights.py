@@ -6,9 +6,10 @@
 - `backbone.checkpoint=PATH`: an open_clip or OpenAI-format *state dict* (`.pt`/`.pth`/`.bin` read with
   `torch.load(weights_only=True)`, or `.safetensors`). Wrappers such as {"state_dict": ...} and DDP "module."
   prefixes are unwrapped. The file wins over `backbone.pretrained`; a tag given as well only describes the file
-  (its QuickGELU and mean/std settings), so `pretrained=openai checkpoint=<hand-downloaded OpenAI weights>` is right. OpenAI's released `.pt` files are TorchScript archives, i.e. code plus weights: flbench does
-  not execute them; convert once with `torch.jit.load` (see `JIT_HELP`) or use `backbone.pretrained=openai`, which
-  fetches the same weights as a plain state dict.
+  (its QuickGELU and mean/std settings), so `pretrained=openai checkpoint=<hand-downloaded OpenAI weights>` is right.
+  OpenAI's released `.pt` files are TorchScript archives, i.e. code plus weights: flbench does not execute them;
+  convert once with `torch.jit.load` (see `JIT_HELP`) or use `backbone.pretrained=openai`, which fetches the same
+  weights as a plain state dict.
 - OpenAI's models use QuickGELU; open_clip's plain `ViT-B-16` config uses GELU. The activation is taken from the
   tag's config, or detected from an OpenAI-format state dict (its extra `input_resolution`/`context_length`/
   `vocab_size` entries), and can be forced with `backbone.quick_gelu`.
@@ -128,8 +129,8 @@ def resolve_tag(arch: str, tag: str) -> tuple[str, dict[str, Any]]:
     if offline or not reachable(host):
         why = "HF_HUB_OFFLINE is set" if offline else f"{host} is unreachable"
         raise ConfigError(f"backbone.pretrained={tag!r}: the {arch} weights are not in the local cache and {why}; run "
-                          f"once where the hub is reachable (they are then cached), or download them elsewhere and pass "
-                          f"backbone.checkpoint=PATH")
+                          f"once where the hub is reachable (they are then cached), or download them elsewhere and "
+                          f"pass backbone.checkpoint=PATH")
     log.info("downloading the %s/%s weights (first time only)", arch, tag)
     try:
         return open_clip.download_pretrained(tag_cfg), tag_cfg

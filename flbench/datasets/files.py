@@ -182,7 +182,7 @@ def require_files(dataset: str, dataset_dir: Path, paths: Sequence[str], what: s
                           f"{dataset} --root {dataset_dir.parent}` lists what is there and what is missing")
 
 
-# --- from a dataset's lists of files to a DatasetBundle (shared by every real-data family) -----------------------------
+# --- from a dataset's lists of files to a DatasetBundle (shared by every real-data family) ---------------------------
 
 @dataclass
 class RawDataset:
@@ -203,7 +203,8 @@ class RawDataset:
     cache_tag: str = ""     # distinguishes few-shot files of different selections (DomainNet domains/classes)
 
 
-def check_root(dataset: str, root: str | os.PathLike | None, directory: str, marker: str | None = None) -> tuple[Path, Path]:
+def check_root(dataset: str, root: str | os.PathLike | None, directory: str, marker: str | None = None
+               ) -> tuple[Path, Path]:
     """(data root, dataset folder). `root` may also point at the dataset folder itself (it then holds `marker`)."""
     if root is None or str(root) == "":
         raise ConfigError(f"dataset.root is not set for dataset {dataset}: pass dataset.root=DIR (the folder holding "

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from flbench.algorithms.base import Encoded, PromptMethod, build_method
+from flbench.backbones.attention import attach_routers
 from flbench.backbones.clip import FrozenCLIP, load_backbone
 from flbench.backbones.weights import backbone_image_size
 from flbench.datasets import load_dataset
@@ -69,7 +70,7 @@ class Experiment:
     @cached_property
     def method(self) -> PromptMethod:
         """The one method instance of this process; `fresh()` resets it before each use."""
-        return self.new_method()
+        return attach_routers(self.new_method(), self.backbone)  # backbone.attention.train_routers (routed_kv)
 
     @cached_property
     def initial_state(self) -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from flbench.backbones.attention import attention_costs
 from flbench.engine import evaluate_accuracy
 from flbench.experiment import Experiment, config_hash, get_experiment
 from flbench.fl.backends import run_federation
@@ -58,7 +59,8 @@ def _costs(experiment: Experiment, round_log: RoundLog, wall_time: float) -> dic
                                                                               method.shared_state().values()),
             "bytes_up_per_client": shared, "bytes_down_per_client": shared,
             "bytes_per_round": int(round(2 * shared * clients_per_round)), "clients_per_round": clients_per_round,
-            "wall_time_s": round(wall_time, 3)}
+            "wall_time_s": round(wall_time, 3),
+            "attention": attention_costs(experiment.backbone)}  # KV bytes/token/layer, K/V-projection + attention FLOPs
 
 
 def _method_metrics(experiment: Experiment, round_log: RoundLog) -> dict[str, Any]:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import nn
 
+from flbench.backbones.attention import sequence_lengths
 from flbench.io import atomic_write, cache_dir
 from flbench.errors import ConfigError
 
@@ -32,7 +33,9 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "tiny": dict(embed_dim=128, vision_cfg=dict(layers=[1, 1, 1, 1], width=32, image_size=32, head_width=64),
                  text_cfg=_TEXT_TOWER),
     # A ViT image tower, for methods and attention variants that need transformer internals on the image side.
-    "tiny-vit": dict(embed_dim=128, vision_cfg=dict(layers=4, width=128, patch_size=4, image_size=32, head_width=32),
+    # Patch 4 (64 patches + CLS): patch 8 hardly learns shape (SYNTHETIC.md). Width 64 in 4 heads of 16 halves the
+    # step time of width 128, so 600 pretraining steps (pretrain.MODEL_PRETRAIN) fit in minutes (docs/backbones.md).
+    "tiny-vit": dict(embed_dim=128, vision_cfg=dict(layers=4, width=64, patch_size=4, image_size=32, head_width=16),
                      text_cfg=_TEXT_TOWER),
 }
 
@@ -94,7 +97,8 @@ class FrozenCLIP(nn.Module):
         """
         m = self.model
         x = embeddings + m.positional_embedding.to(embeddings.dtype)
-        x = m.transformer(x, attn_mask=m.attn_mask)
+        with sequence_lengths(eot_index + 1):  # routed-KV attention: padding after EOT takes no expert capacity
+            x = m.transformer(x, attn_mask=m.attn_mask)
         x = m.ln_final(x)
         x = x[torch.arange(x.shape[0], device=x.device), eot_index]
         return x @ m.text_projection if not isinstance(m.text_projection, nn.Linear) else m.text_projection(x)
@@ -118,13 +122,15 @@ def _tiny_key(name: str, pretrain: Mapping[str, Any]) -> str:
 def build_tiny(name: str = "tiny", pretrain: Mapping[str, Any] | None = None,
                cache: str | None = None) -> FrozenCLIP:
     """The tiny CLIP `name`, pretrained by the package on the synthetic corpus the first time, then loaded from cache."""
-    from flbench.backbones.pretrain import DEFAULT_PRETRAIN, pretrain_tiny_clip  # heavy path, only on a cache miss
+    from flbench.backbones.pretrain import DEFAULT_PRETRAIN, MODEL_PRETRAIN, pretrain_tiny_clip  # cache miss only
 
     if name not in TINY_CONFIGS:
         raise ConfigError(f"backbone.name={name!r} is not a tiny CLIP; choose one of {sorted(TINY_CONFIGS)}")
-    settings = {**DEFAULT_PRETRAIN, **(pretrain or {})}
+    settings = {**DEFAULT_PRETRAIN, **MODEL_PRETRAIN.get(name, {}), **(pretrain or {})}
     path = cache_dir(cache) / "tiny_clip" / f"{name}-{_tiny_key(name, settings)}.pt"
-    model = open_clip.CLIP(**TINY_CONFIGS[name])
+    with torch.random.fork_rng(devices=[]):  # initial weights from the pretraining seed, not the caller's RNG
+        torch.manual_seed(int(settings["seed"]))
+        model = open_clip.CLIP(**TINY_CONFIGS[name])
     if path.exists():
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     else:
@@ -155,6 +161,10 @@ def load_backbone(cfg: Mapping[str, Any]) -> FrozenCLIP:
             backbone = build_tiny(cfg["name"], cfg.get("pretrain"), cfg.get("cache"))
         else:
             backbone = build_open_clip(cfg["arch"], cfg.get("pretrained"), cfg.get("checkpoint"), cfg.get("quick_gelu"))
+        if cfg.get("attention"):  # dense | gqa | routed_kv, swapped in place (flbench/backbones/attention.py)
+            from flbench.backbones.attention import apply_attention
+
+            apply_attention(backbone, cfg)
         _PROCESS_BACKBONES[key] = backbone
     return _PROCESS_BACKBONES[key]
 

@@ -53,7 +53,7 @@ def _weights_fingerprint(backbone: FrozenCLIP) -> str:
         if ".router." in f".{name}":
             continue
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:12]
 
 
@@ -145,7 +145,7 @@ def calibrate(backbone: FrozenCLIP, backbone_cfg: Mapping[str, Any]) -> dict[str
             loss.backward()
             optimizer.step()
             if step % 25 == 0 or step == steps - 1:
-                log.info("calibration step %d/%d  distillation loss %.4f  %s", step + 1, steps, float(loss),
+                log.info("calibration step %d/%d  distillation loss %.4f  %s", step + 1, steps, float(loss.detach()),
                          "  ".join(f"{k} {v:.3f}" for k, v in routing_stats(backbone.model).items()))
     finally:
         for p in params.values():

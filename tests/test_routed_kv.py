@@ -220,3 +220,37 @@ def test_sequence_lengths_must_match_the_batch():
     x = torch.randn(2, 5, 64)
     with sequence_lengths(torch.tensor([5, 3, 2])), pytest.raises(RuntimeError, match="rows"):
         layer(x, x, x)
+
+
+def test_train_routers_makes_them_part_of_the_methods_shared_state():
+    from flbench.backbones.attention import apply_attention, attach_routers, router_parameters
+
+    backbone = random_tiny("tiny-vit")
+    apply_attention(backbone, {"attention": {"kind": "routed_kv", "train_routers": True}})
+    assert all(not p.requires_grad for p in backbone.parameters())  # frozen until a method takes them
+    coop = attach_routers(build_method("coop", backbone, CLASSES, ["a photo of a {}."], {"ctx_init": None}), backbone)
+    shared = coop.shared_state()
+    router_keys = [k for k in shared if k.startswith("backbone_routers.")]
+    # CoOp encodes images without gradients: only the text routers (3 layers x weight, bias) can learn and travel.
+    assert "ctx" in shared and len(router_keys) == 3 * 2
+    assert coop.num_trainable() == coop.ctx.numel() + 3 * (3 * 128 + 3)
+    text_router = backbone.model.transformer.resblocks[0].attn.router.weight
+    before = text_router.detach().clone()
+    params = [p for p in coop.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=1.0)
+    coop.loss(coop.encode(torch.rand(4, 3, 32, 32)), torch.tensor([0, 1, 2, 0])).backward()
+    optimizer.step()
+    assert not torch.equal(before, text_router)  # the backbone's own router moved (same Parameter)
+    coop.load_partial({k: v for k, v in shared.items()})  # the server's state puts it back
+    assert torch.equal(before, text_router)
+    vision = [n for n in router_parameters(backbone.model) if n.startswith("visual.")]
+    assert vision and all(not router_parameters(backbone.model)[n].requires_grad for n in vision)
+
+    # A method whose image side is trainable (VPT, MaPLe) gets the vision routers too.
+    class TrainableImageSide(type(coop)):
+        frozen_image_side = False
+
+    other = random_tiny("tiny-vit")
+    apply_attention(other, {"attention": {"kind": "routed_kv", "train_routers": True}})
+    method = attach_routers(TrainableImageSide(other, CLASSES, ["a photo of a {}."]), other)
+    assert sum(k.startswith("backbone_routers.") for k in method.shared_state()) == (3 + 4) * 2

@@ -279,6 +279,39 @@ def apply_attention(backbone: nn.Module, backbone_cfg: Mapping[str, Any]) -> nn.
     return backbone
 
 
+class RouterBank(nn.Module):
+    """The backbone's routers as a submodule of a prompt method (the same Parameter objects, not copies)."""
+
+    def __init__(self, routers: Mapping[str, nn.Module]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleDict({name.replace(".", "_"): router for name, router in routers.items()})
+
+
+def attach_routers(method: nn.Module, backbone: nn.Module) -> nn.Module:
+    """`backbone.attention.train_routers`: make the routers part of `method`'s trainable (hence shared) state.
+
+    Registered under `method.backbone_routers`, they join everything the FL layer already does with a method's
+    parameters — local optimisation, `shared_state()` (FedAvg'd with the prompt unless the method's own
+    `shared_keys` keeps them local), the reset in `Experiment.fresh()`, communication costs — with no change to the
+    method's code. A method whose image side is frozen (`frozen_image_side`) encodes images without gradients, so
+    only its text-tower routers can learn and only those are attached (its cached image features stay valid).
+    """
+    settings = getattr(backbone, "attention", None) or {}
+    if settings.get("kind") != "routed_kv" or not settings.get("train_routers"):
+        return method
+    towers = {"text"} if getattr(method, "frozen_image_side", True) else set(TOWERS)
+    routers = {name: module.router for name, module in backbone.model.named_modules()
+               if isinstance(module, SharedWeightAttention) and hasattr(module, "router") and module.tower in towers}
+    if not routers:
+        log.warning("backbone.attention.train_routers: no routers in towers %s to train", sorted(towers))
+        return method
+    for router in routers.values():
+        router.requires_grad_(True)
+    method.add_module("backbone_routers", RouterBank(routers))
+    log.info("training and sharing %d routers (%s towers) with the prompt", len(routers), "/".join(sorted(towers)))
+    return method
+
+
 def restore_attention(model: nn.Module) -> nn.Module:
     """Undo `swap_attention`: put every block's original nn.MultiheadAttention back (routers are dropped)."""
     for _, block in transformer_blocks(model):
@@ -404,7 +437,7 @@ def nominal_kv_fraction(cfg: Mapping[str, Any] | None) -> float:
     return 1.0
 
 
-__all__ = ["KINDS", "GroupedKVAttention", "SharedWeightAttention", "apply_attention", "attention_costs",
-           "attention_settings", "dense_attention", "describe", "is_causal_mask", "nominal_kv_fraction",
-           "pooled_projection", "restore_attention", "router_parameters", "sequence_lengths", "swap_attention",
-           "swapped_modules", "transformer_blocks"]
+__all__ = ["KINDS", "GroupedKVAttention", "RouterBank", "SharedWeightAttention", "apply_attention", "attach_routers",
+           "attention_costs", "attention_settings", "dense_attention", "describe", "is_causal_mask",
+           "nominal_kv_fraction", "pooled_projection", "restore_attention", "router_parameters", "sequence_lengths",
+           "swap_attention", "swapped_modules", "transformer_blocks"]

@@ -143,7 +143,7 @@ class Checkpointer:
             if server_round <= done:
                 return None  # already in the restored history
             metrics = evaluate_fn(server_round, arrays)
-            if server_round % self.every == 0:
+            if server_round > 0 and server_round % self.every == 0:
                 self.save_server(server_round, arrays.to_torch_state_dict() if len(arrays) else {}, round_log,
                                  strategy)
             return metrics

@@ -40,16 +40,15 @@ def test_balanced_plan_matches_a_float64_sinkhorn_and_is_additive_in_log_space()
 
 def test_unbalanced_plan_moves_mass_gamma_and_respects_the_patch_bound():
     cost, a, b = _problem(m=10)
-    gamma = 0.8
-    plan = transport_plan(cost, a, b * gamma, 0.05, max_iter=500, tol=1e-7, row_inequality=True)
-    assert torch.allclose(plan.sum(-2), b * gamma, atol=1e-5), "each prompt receives γ/N"
-    # The patch bound is reached only in the limit (generalised Sinkhorn converges, slowly): 0.5 % of 1/M here.
-    assert (plan.sum(-1) <= a + 5e-4).all(), "no patch sends more than 1/M"
+    gamma, eps = 0.8, 0.2
+    plan = transport_plan(cost, a, b * gamma, eps, max_iter=300, tol=1e-6, row_inequality=True)
+    assert torch.allclose(plan.sum(-2), b * gamma, atol=1e-6), "each prompt receives γ/N"
+    assert (plan.sum(-1) <= a * (1 + 1e-5)).all(), "no patch sends more than 1/M"
     assert torch.allclose(plan.sum((-2, -1)), torch.full((3,), gamma), atol=1e-5)
-    slack = plan.sum(-1) < a - 1e-3
+    slack = plan.sum(-1) < a * (1 - 1e-3)
     assert slack.any(), "with γ < 1 some patches must be left (partly) untransported"
     # KKT: the row potentials are ≤ 0 and exactly 0 on rows with slack, so log T + C/ε is the same on all of them.
-    potential = plan.log() + cost / 0.05
+    potential = plan.log() + cost / eps
     for k in range(3):
         rows = potential[k][slack[k]]
         assert (rows - rows[:1]).abs().max() < 1e-3
@@ -74,11 +73,11 @@ def test_gradient_flows_through_the_similarities_with_the_plan_fixed():
     g = torch.Generator().manual_seed(1)
     local = torch.nn.functional.normalize(torch.randn(2, 5, 8, generator=g), dim=-1).requires_grad_()
     prompts = torch.nn.functional.normalize(torch.randn(3, 4, 8, generator=g), dim=-1)
-    score = ot_similarity(local, prompts, eps=0.1, max_iter=1000, tol=1e-9)
+    score = ot_similarity(local, prompts, eps=0.1, max_iter=300, tol=1e-5)
     assert score.shape == (2, 4)
     score[0, 1].backward()
     sim = torch.einsum("bmd,ncd->bcmn", local.detach(), prompts)
-    plan = transport_plan(1 - sim, torch.full((2, 4, 5), 1 / 5), torch.full((2, 4, 3), 1 / 3), 0.1, 1000, 1e-9)
+    plan = transport_plan(1 - sim, torch.full((2, 4, 5), 1 / 5), torch.full((2, 4, 3), 1 / 3), 0.1, 300, 1e-5)
     expected = torch.einsum("mn,nd->md", plan[0, 1], prompts[:, 1])  # d score / d local = Σ_n T_mn · prompt_n
     assert torch.allclose(local.grad[0], expected, atol=1e-5) and local.grad[1].abs().max() == 0
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flbench.backbones.attention import sequence_lengths
 from flbench.backbones.clip import FrozenCLIP
 from flbench.errors import ConfigError
 
@@ -138,6 +139,7 @@ def encode_text_prompted(backbone: FrozenCLIP, embeddings: torch.Tensor, eot_ind
         prompt = _expand(deep_prompts[i - 1], h.shape[0]).to(h.dtype)
         return torch.cat([h[:, :start], prompt, h[:, start + prompt.shape[1]:]], dim=1)
 
-    x = m.ln_final(_blocks(m.transformer, x, m.attn_mask, replace))
+    with sequence_lengths(eot_index + 1):  # as FrozenCLIP: routed-KV attention spends no capacity on padding
+        x = m.ln_final(_blocks(m.transformer, x, m.attn_mask, replace))
     x = x[torch.arange(x.shape[0], device=x.device), eot_index]
     return m.text_projection(x) if isinstance(m.text_projection, nn.Linear) else x @ m.text_projection

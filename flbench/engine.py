@@ -86,6 +86,27 @@ def train_local(method: PromptMethod, images: ImageSet, cfg: Mapping[str, Any], 
     return LocalResult(num_examples=len(images), steps=steps, loss=total_loss / max(seen, 1))
 
 
+def mean_gradient(method: PromptMethod, images: ImageSet, batch_size: int, cached: Encoded | None = None
+                  ) -> dict[str, torch.Tensor]:
+    """Gradient of the mean training loss over all of `images` at the current parameters (SCAFFOLD's option I
+    control variate), by name; `.grad` is left cleared."""
+    params = {n: p for n, p in method.named_parameters() if p.requires_grad}
+    total = {n: torch.zeros_like(p) for n, p in params.items()}
+    labels = torch.as_tensor(images.labels)
+    method.train()
+    for start in range(0, len(images), batch_size):
+        idx = torch.arange(start, min(start + batch_size, len(images)))
+        encoded = _index(cached, idx) if cached is not None else method.encode(images.load(idx.numpy(), False))
+        method.zero_grad(set_to_none=True)
+        method.backward(encoded, labels[idx])
+        for n, p in params.items():
+            if p.grad is not None:
+                total[n] += p.grad * (len(idx) / len(images))
+    method.zero_grad(set_to_none=True)
+    method.eval()
+    return total
+
+
 @torch.no_grad()
 def predict(method: PromptMethod, images: ImageSet | None, batch_size: int, cached: Encoded | None = None
             ) -> np.ndarray:

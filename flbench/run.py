@@ -10,17 +10,20 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 import torch
+from flwr.clientapp import ClientApp
+from flwr.serverapp import ServerApp
 
 from flbench.backbones.attention import attention_costs
-from flbench.engine import evaluate_accuracy
 from flbench.experiment import Experiment, config_hash, get_experiment
 from flbench.fl.backends import run_federation
+from flbench.fl.checkpoint import Checkpointer
 from flbench.fl.client_app import make_client_app
+from flbench.fl.protocols import get_protocol
 from flbench.fl.server_app import RoundLog, make_server_app
 from flbench.metrics import summarise
 from flbench.results.record import (SCHEMA_VERSION, code_version, environment, load_record, record_path,
@@ -32,13 +35,16 @@ log = logging.getLogger("flbench")
 
 
 def _zeroshot_metrics(experiment: Experiment) -> dict[str, float]:
-    """Zero-shot CLIP with the dataset's first template, on the same test splits the method reports."""
-    zeroshot = experiment.new_method("zeroshot")
-    metrics = {}
-    for name, split in experiment.scenario.test.items():
-        zeroshot.set_classnames(split.classnames)
-        metrics[name] = evaluate_accuracy(zeroshot, split.images, split.labels, int(experiment.cfg["eval"]["batch_size"]))
-    return {**metrics, **experiment.scenario.derived(metrics)}
+    """Zero-shot CLIP with the dataset's first template, on the same test splits the method reports (personal and
+    held-out clients' splits included)."""
+    return experiment.zeroshot_metrics()
+
+
+def _participation(round_log: RoundLog) -> dict[str, int]:
+    """Client participation over the run: sampled, answered, failed (protocol.failure_prob), straggled."""
+    rows = [r for r in round_log.rounds if "sampled" in r]
+    return {key: int(sum(r.get(field, 0) for r in rows)) for key, field in
+            (("sampled", "sampled"), ("answered", "clients"), ("failures", "failures"), ("stragglers", "stragglers"))}
 
 
 def _partition_stats(experiment: Experiment) -> dict[str, Any]:
@@ -53,7 +59,8 @@ def _partition_stats(experiment: Experiment) -> dict[str, Any]:
 
 def _costs(experiment: Experiment, round_log: RoundLog, wall_time: float) -> dict[str, Any]:
     method = experiment.fresh()
-    shared = method.shared_bytes()
+    # SCAFFOLD also sends control variates (×2); protocol=local communicates nothing (×0)
+    shared = int(method.shared_bytes() * get_protocol(experiment.cfg["protocol"]["name"]).communication)
     clients_per_round = float(np.mean([r["clients"] for r in round_log.rounds if "clients" in r] or [0]))
     return {"trainable_params": method.num_trainable(), "shared_params": sum(v.numel() for v in
                                                                               method.shared_state().values()),
@@ -72,8 +79,9 @@ def _method_metrics(experiment: Experiment, round_log: RoundLog) -> dict[str, An
     return experiment.fresh().extra_metrics(training)
 
 
-def run(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """Run one experiment from a resolved config (plain dict) and return its record."""
+def run(cfg: Mapping[str, Any], federate: Callable[[ServerApp, ClientApp], None] | None = None) -> dict[str, Any]:
+    """Run one experiment from a resolved config (plain dict) and return its record. `federate` runs the two
+    Flower apps on a grid the caller already has (the deployment engine); by default cfg.backend runs them."""
     validate(cfg)
     key = config_hash(result_config(cfg))
     path = record_path(cfg["results_dir"], key)
@@ -81,6 +89,9 @@ def run(cfg: Mapping[str, Any]) -> dict[str, Any]:
     if existing is not None and not cfg.get("force", False):
         log.info("skipped: a record for this config exists at %s (force=true reruns it)", path)
         return {**existing, "skipped": True}
+    checkpointer = Checkpointer.from_config(cfg)
+    if checkpointer is not None and cfg.get("force", False):
+        checkpointer.clear()  # force reruns from scratch, never from an earlier attempt's checkpoint
 
     started, t0 = dt.datetime.now(dt.timezone.utc), time.perf_counter()
     torch.manual_seed(int(cfg["seed"]))
@@ -88,10 +99,13 @@ def run(cfg: Mapping[str, Any]) -> dict[str, Any]:
     zeroshot = _zeroshot_metrics(experiment)
     round_log = RoundLog()
     if experiment.method.num_trainable() > 0 and int(cfg["num_rounds"]) > 0:
-        run_federation(make_server_app(cfg, round_log), make_client_app(cfg), int(cfg["num_clients"]),
-                       cfg["backend"])
+        server_app, client_app = make_server_app(cfg, round_log), make_client_app(cfg)
+        if federate is not None:
+            federate(server_app, client_app)
+        else:
+            run_federation(server_app, client_app, experiment.num_nodes, cfg["backend"])
     else:  # nothing to learn: the run is its own round-0 evaluation
-        round_log.rounds.append({"round": 0, **experiment.evaluate_state([{}]), "time_s": 0.0})
+        round_log.rounds.append({"round": 0, **experiment.evaluate_state([{}], 0, with_personal=True), "time_s": 0.0})
     if not round_log.rounds:
         raise RuntimeError("the federation finished without a single evaluated round (see the log above)")
 
@@ -103,10 +117,13 @@ def run(cfg: Mapping[str, Any]) -> dict[str, Any]:
         "selection": scenario.selection, "history": round_log.rounds,
         "metrics": summarise(round_log.rounds, [f"test/{m}" for m in scenario.reported], scenario.selection),
         "zeroshot": zeroshot, "costs": _costs(experiment, round_log, time.perf_counter() - t0),
-        "partition": _partition_stats(experiment), "method": _method_metrics(experiment, round_log),
+        "partition": _partition_stats(experiment),
+        "participation": _participation(round_log), "method": _method_metrics(experiment, round_log),
     }
     record["metrics"] = {k.removeprefix("test/"): v for k, v in record["metrics"].items()}
     write_record(path, record)
+    if checkpointer is not None:
+        checkpointer.clear()  # the record is the result now; checkpoints only served to get here
     record["wandb_dir"] = log_run(cfg, round_log.rounds, record)
     log.info("record written to %s", path)
     return record

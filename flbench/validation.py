@@ -28,6 +28,67 @@ def _number(cfg: Mapping[str, Any], path: str, low: float, inclusive: bool = Tru
         raise ConfigError(f"{path}={value} must be {'≥' if inclusive else '>'} {low}")
 
 
+def _value(cfg: Mapping[str, Any], path: str) -> Any:
+    value: Any = cfg
+    for part in path.split("."):
+        value = value.get(part) if isinstance(value, Mapping) else None
+    return value
+
+
+def _at_most(cfg: Mapping[str, Any], path: str, high: float, inclusive: bool = True) -> None:
+    value = _value(cfg, path)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and (
+            value > high or (value == high and not inclusive)):
+        raise ConfigError(f"{path}={value} must be {'≤' if inclusive else '<'} {high}")
+
+
+# (path, low, low inclusive, integer, high, high inclusive): the FL layer's keys (protocols, partitions, scenarios).
+# Keys a config does not have are skipped, so each applies only where its protocol/partition/scenario uses it.
+FL_RANGES = (
+    ("protocol.min_clients", 1, True, True, None, True), ("protocol.mu", 0, True, False, None, True),
+    ("protocol.eta", 0, False, False, None, True), ("protocol.eta_l", 0, False, False, None, True),
+    ("protocol.tau", 0, False, False, None, True), ("protocol.beta_1", 0, True, False, 1, False),
+    ("protocol.beta_2", 0, True, False, 1, False), ("protocol.server_lr", 0, False, False, None, True),
+    ("protocol.server_momentum", 0, True, False, 1, False), ("protocol.stragglers", 0, True, False, 1, True),
+    ("protocol.straggler_work", 0, False, False, 1, True), ("protocol.failure_prob", 0, True, False, 1, False),
+    ("partition.classes_per_client", 1, True, True, None, True), ("partition.domains_per_client", 1, True, True, None, True),
+    ("partition.beta", 0, False, False, None, True), ("scenario.fraction", 0, False, False, 1, False),
+    ("scenario.finetune_epochs", 1, True, True, None, True),
+)
+# Scenarios that evaluate the learned prompt under class names it was not trained with.
+NEW_CLASSNAMES = ("base2novel", "xdataset")
+
+
+def _fl_checks(cfg: Mapping[str, Any]) -> None:
+    for path, low, low_inclusive, integer, high, high_inclusive in FL_RANGES:
+        _number(cfg, path, low, low_inclusive, integer)
+        if high is not None:
+            _at_most(cfg, path, high, high_inclusive)
+    protocol, scenario = cfg["protocol"], cfg["scenario"]
+    from flbench.fl.protocols.scaffold import UPDATES
+
+    if protocol.get("name") == "scaffold" and protocol.get("control_update", "gradient") not in UPDATES:
+        raise ConfigError(f"protocol.control_update={protocol.get('control_update')!r} is unknown; choose one of "
+                          f"{UPDATES}")
+    if scenario.get("name") in NEW_CLASSNAMES and cfg["algorithm"].get("class_specific"):
+        raise ConfigError(f"algorithm.class_specific=true cannot be evaluated on new class names under "
+                          f"scenario={scenario['name']}; set algorithm.class_specific=false")
+    if scenario.get("name") == "multidomain" and cfg["partition"].get("name") != "domain":
+        raise ConfigError(f"partition.name={cfg['partition'].get('name')!r} does not give clients domains; "
+                          "scenario=multidomain needs partition=domain")
+    domains = (cfg.get("dataset") or {}).get("domains")
+    if scenario.get("name") == "xdomain" and isinstance(domains, list):
+        target = scenario.get("target")
+        targets = [target] if isinstance(target, str) else list(target or domains[-1:])
+        unknown = [t for t in targets if t not in domains]
+        if unknown:
+            raise ConfigError(f"scenario.target={unknown} is not among dataset.domains {domains}")
+        if len(set(targets)) >= len(domains):
+            raise ConfigError("scenario.target leaves no source domain to train on; hold out fewer domains")
+    if scenario.get("name") == "xdataset" and not scenario.get("targets"):
+        raise ConfigError("scenario.targets is empty; list target datasets, e.g. scenario.targets=[{family: patterns}]")
+
+
 def _named(cfg: Mapping[str, Any], group: str, known: Mapping[str, Any] | list[str]) -> None:
     name = (cfg.get(group) or {}).get("name")
     if name not in known:
@@ -51,6 +112,7 @@ def validate(cfg: Mapping[str, Any]) -> None:
     _named(cfg, "scenario", SCENARIOS)
     _named(cfg, "backend", ["inprocess", "ray"])
     method_class(cfg["algorithm"].get("name"))
+    _fl_checks(cfg)
     position = cfg["algorithm"].get("class_token_position", "end")
     if position not in ("end", "middle", "front"):
         raise ConfigError(f"algorithm.class_token_position={position!r} is unknown; choose end, middle or front")

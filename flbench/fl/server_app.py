@@ -1,7 +1,10 @@
-"""The ServerApp: Flower's strategy loop, server-side evaluation of the aggregate each round, per-round history.
+"""The ServerApp: Flower's strategy loop, server-side evaluation each round, per-round history.
 
 The server and the run driver live in the same process for both backends, so the history is handed back through
-a plain `RoundLog` object rather than through Flower's result types.
+a plain `RoundLog` object rather than through Flower's result types. Each history row holds, for one round: what
+the clients reported about training (loss, how many were sampled, answered, failed, straggled), the server's
+evaluation of the reported model, and — for personalised scenarios or protocol=local — what the clients reported
+about their own models (Flower's client-side evaluation, sent to every client every round).
 """
 
 from __future__ import annotations
@@ -9,18 +12,21 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
-from flbench.experiment import derive_seed, get_experiment
+from flbench.experiment import Experiment, derive_seed, get_experiment
+from flbench.fl.checkpoint import Checkpointer
 from flbench.fl.client_app import CLIENT_META, to_state
 from flbench.fl.protocols import get_protocol, sampling_kwargs
+from flbench.scenarios import summarise_clients
 
 log = logging.getLogger("flbench")
 
@@ -33,6 +39,7 @@ class RoundLog:
     aggregates: list[dict[str, Any]] = field(default_factory=list)  # the shared state after each round
     final_state: dict[str, Any] = field(default_factory=dict)
     pending_train: dict[str, float] = field(default_factory=dict)
+    pending_eval: dict[str, float] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -40,8 +47,12 @@ def _progress_line(row: Mapping[str, float], num_rounds: int, selection: str) ->
     parts = [f"round {int(row['round']):>3}/{num_rounds}"]
     if "train/loss" in row:
         parts.append(f"train loss {row['train/loss']:.3f}")
-    parts.append(f"{selection} {row[selection]:5.1f}")
-    parts += [f"{k} {v:5.1f}" for k, v in row.items() if k.startswith("test/") and "/domain/" not in k]
+    if row.get("failures"):
+        parts.append(f"failed {int(row['failures'])}/{int(row['sampled'])}")
+    if selection in row:
+        parts.append(f"{selection} {row[selection]:5.1f}")
+    parts += [f"{k} {v:5.1f}" for k, v in row.items()
+              if k.startswith("test/") and "/domain/" not in k and "/client/" not in k and "/target/" not in k]
     parts.append(f"({row['time_s']:.1f} s)")
     return "  ".join(parts)
 
@@ -50,13 +61,95 @@ def _partition_of(reply: Message) -> int:
     return -1 if reply.has_error() else int(reply.content[CLIENT_META]["partition-id"])
 
 
-def in_partition_order(strategy: Strategy) -> Strategy:
-    """Aggregate replies in partition order, not arrival order: floating-point sums then do not depend on which
-    Ray worker finished first, so the same seed gives the same numbers on every backend."""
+class PartitionOrderedGrid(Grid):
+    """The grid the strategy sees: the real one, with nodes listed in partition order.
+
+    Flower samples clients with `random.sample(node_ids, k)`. Node ids are random under the Ray engine and
+    sequential in-process, so the same seed would pick different *partitions* on the two backends. One query
+    round asks every node for its partition id; listing nodes in that order makes seeded sampling pick the same
+    clients everywhere.
+    """
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid = grid
+        nodes = list(grid.get_node_ids())
+        queries = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type=MessageType.QUERY)
+                   for n in nodes]
+        self.partition_of = {reply.metadata.src_node_id: _partition_of(reply)
+                             for reply in grid.send_and_receive(queries)}
+        missing = set(nodes) - set(self.partition_of)
+        if missing or any(p < 0 for p in self.partition_of.values()):
+            raise RuntimeError(f"{len(missing)} of {len(nodes)} clients did not report their partition id")
+
+    def set_run(self, run: Any) -> None:
+        self.grid.set_run(run)
+
+    @property
+    def run(self) -> Any:
+        return self.grid.run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:
+        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return sorted(self.partition_of, key=self.partition_of.__getitem__)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self.grid.send_and_receive(messages, timeout=timeout)
+
+
+def instrument(strategy: Strategy, experiment: Experiment, round_log: RoundLog) -> Strategy:
+    """Wrap a Flower strategy's hooks without changing what it computes:
+
+    - aggregate replies in partition order, not arrival order (float sums then do not depend on which Ray worker
+      finished first), and count sampled / failed replies for the round's row;
+    - send clients the model the server reports (PromptMethod.reported_state), for their own evaluation;
+    - keep client-side evaluation from consuming the `random` state that seeds client sampling, so turning
+      personal evaluation on does not change which clients train.
+    """
     aggregate_train = strategy.aggregate_train
-    strategy.aggregate_train = lambda server_round, replies: aggregate_train(  # type: ignore[method-assign]
-        server_round, sorted(replies, key=_partition_of))
+    configure_evaluate = strategy.configure_evaluate
+
+    def ordered_aggregate_train(server_round: int, replies: Iterable[Message]) -> Any:
+        replies = sorted(replies, key=_partition_of)
+        failures = sum(reply.has_error() for reply in replies)
+        round_log.pending_train = {"sampled": len(replies), "failures": failures, "clients": len(replies) - failures}
+        if failures:
+            log.info("round %d: %d of %d sampled clients failed", server_round, failures, len(replies))
+        return aggregate_train(server_round, replies)
+
+    def reported_configure_evaluate(server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Any:
+        reported = experiment.method.reported_state(round_log.aggregates + [to_state(arrays)])
+        state = random.getstate()
+        try:
+            return list(configure_evaluate(server_round, ArrayRecord(reported) if reported else arrays, config, grid))
+        finally:
+            random.setstate(state)
+
+    strategy.aggregate_train = ordered_aggregate_train  # type: ignore[method-assign]
+    strategy.configure_evaluate = reported_configure_evaluate  # type: ignore[method-assign]
     return strategy
+
+
+def client_evaluation(records: list[RecordDict]) -> dict[str, float]:
+    """Personal metrics over every client's counts, and (protocol=local) the client-mean of each shared split."""
+    records = sorted(records, key=lambda r: int(r[CLIENT_META]["partition-id"]))
+    metrics = [next(iter(r.metric_records.values())) for r in records]
+    out: dict[str, float] = {}
+    if metrics and "personal.client" in metrics[0]:  # per-client lists → one row per data client
+        keys = [k.removeprefix("personal.") for k in metrics[0] if k.startswith("personal.")]
+        rows = [dict(zip(keys, values)) for m in metrics for values in zip(*[m[f"personal.{k}"] for k in keys])]
+        out.update(summarise_clients(rows, "personal"))
+    shared = sorted({k for m in metrics for k in m if k.startswith(("val/", "test/"))})
+    out.update({k: float(np.mean([m[k] for m in metrics if k in m])) for k in shared})
+    return out
 
 
 def make_server_app(cfg: Mapping[str, Any], round_log: RoundLog) -> ServerApp:
@@ -68,29 +161,48 @@ def make_server_app(cfg: Mapping[str, Any], round_log: RoundLog) -> ServerApp:
         random.seed(derive_seed(int(cfg["seed"]), 3))  # Flower samples clients with the `random` module
         experiment = get_experiment(cfg)
         protocol = get_protocol(cfg["protocol"]["name"])
-        selection = experiment.scenario.selection
+        scenario = experiment.scenario
+        client_eval = scenario.personal or not protocol.aggregates
+        num_nodes = experiment.num_nodes
 
         def aggregate_train_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
             metrics = aggregate_metricrecords(records, weight_key)
-            round_log.pending_train = {"train/loss": float(metrics["train_loss"]), "clients": len(records)}
+            stragglers = sum(int(next(iter(r.metric_records.values())).get("straggler", 0)) for r in records)
+            round_log.pending_train.update({"train/loss": float(metrics["train_loss"]), "stragglers": stragglers})
             return metrics
+
+        def aggregate_eval_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
+            round_log.pending_eval = client_evaluation(records)
+            return MetricRecord({k: v for k, v in round_log.pending_eval.items() if "/client/" not in k})
 
         def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
             round_log.aggregates.append(to_state(arrays))
-            metrics = experiment.evaluate_state(round_log.aggregates)
+            if server_round > 0 and not protocol.aggregates:
+                metrics = {}  # the server's model never changes; the clients' own models were evaluated instead
+                if experiment.heldout_clients:
+                    metrics = experiment.evaluate_unseen(experiment.method.reported_state(round_log.aggregates),
+                                                         server_round)
+            else:
+                metrics = experiment.evaluate_state(round_log.aggregates, server_round,
+                                                    with_personal=server_round == 0)
+            metrics = scenario.complete({**metrics, **round_log.pending_eval})
             row = {"round": server_round, **round_log.pending_train, **metrics,
                    "time_s": time.perf_counter() - round_log.started}
-            round_log.pending_train = {}
+            round_log.pending_train, round_log.pending_eval = {}, {}
             round_log.rounds.append(row)
-            log.info(_progress_line(row, num_rounds, selection))
-            return MetricRecord({k: float(v) for k, v in metrics.items()})
+            log.info(_progress_line(row, num_rounds, scenario.selection))
+            return MetricRecord({k: float(v) for k, v in metrics.items() if "/client/" not in k})
 
-        common = dict(sampling_kwargs(cfg["protocol"], int(cfg["num_clients"])), fraction_evaluate=0.0,
-                      train_metrics_aggr_fn=aggregate_train_metrics)
-        strategy = in_partition_order(protocol.strategy(cfg["protocol"], common))
+        common = dict(sampling_kwargs(cfg["protocol"], num_nodes),
+                      fraction_evaluate=1.0 if client_eval else 0.0,
+                      min_evaluate_nodes=num_nodes if client_eval else 0,
+                      train_metrics_aggr_fn=aggregate_train_metrics, evaluate_metrics_aggr_fn=aggregate_eval_metrics)
+        strategy = instrument(protocol.strategy(cfg["protocol"], common), experiment, round_log)
+        checkpointer = Checkpointer.from_config(cfg)  # resumes from the last checkpoint, saves new ones
+        evaluate_fn = checkpointer.attach(strategy, evaluate, round_log) if checkpointer else evaluate
         method = experiment.fresh()
-        result = strategy.start(grid=grid, initial_arrays=ArrayRecord(method.shared_state()), num_rounds=num_rounds,
-                                train_config=ConfigRecord({}), evaluate_fn=evaluate)
+        result = strategy.start(grid=PartitionOrderedGrid(grid), initial_arrays=ArrayRecord(method.shared_state()),
+                                num_rounds=num_rounds, train_config=ConfigRecord({}), evaluate_fn=evaluate_fn)
         round_log.final_state = to_state(result.arrays) if result.arrays is not None else {}
 
     return app

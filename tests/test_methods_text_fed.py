@@ -21,6 +21,16 @@ FAST = ["dataset.family=patterns", "dataset.domains=[photo]", "dataset.train_per
 CHEAP = {"proda": ["algorithm.n_prompts=4"]}
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tensors are tiny: a second thread buys nothing, and on a busy machine (CI runners, shared boxes) two
+    spinning OpenMP threads per process made these tests 5-9x slower in CPU time (measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("name", ["cocoop", "kgcoop", "prograd", "proda", "fedtpg", "promptfolio", "fedpgp"])
 def test_two_rounds_run_and_lower_the_training_loss(tmp_path, name):
     record = run(compose_config(FAST + [f"algorithm={name}"] + CHEAP.get(name, []), results_dir=tmp_path))

@@ -6,7 +6,9 @@ image feature, as the paper). Shared: both. The loss is plain cross-entropy.
 
 Batching: the paper's code loops over the images of a batch (and its recipe uses batch size 1). Here the prompts of a
 whole batch are one tensor [B, 1, n_ctx, width], expanded to every class and encoded in one text-encoder call of
-B·C sequences; `instance_chunk` caps B·C per call so evaluation batches do not exhaust memory.
+B·C sequences; `instance_chunk` caps B·C per call so evaluation batches do not exhaust memory. Training memory
+still grows with B·C (every (image, class) prompt is back-propagated through the text encoder): the paper trains with
+batch size 1 at ViT-B/16, and a small `train.batch_size` is the knob here too.
 """
 
 from __future__ import annotations

@@ -174,6 +174,8 @@ class DPFPL(PersonalPromptMethod):
             per_client.append({"shared": rdp_epsilon(z, rate, steps, self.delta),
                                "local": rdp_epsilon(z / math.sqrt(2), rate, steps, self.delta),
                                "combined": rdp_epsilon(z / math.sqrt(3), rate, steps, self.delta)})
+        if not per_client:
+            return {"dp": {"enabled": True, "epsilon": 0.0, "note": "no client held data"}}
         return {"dp": {
             "enabled": True, "epsilon": max(c["combined"] for c in per_client),
             "epsilon_shared": max(c["shared"] for c in per_client),

@@ -11,6 +11,13 @@ prompts ("a <domain> of a <class name>.") of both synthetic families. Loss per s
     (1 - cos(student, teacher)) on image features and on text features
   + KL(teacher || student) of the image-to-prompt similarity logits (CLIP's own logit scale)
   + aux_weight * router cross-entropy toward the expert-choice assignment (injected by each layer, routed_kv.py)
+  + oracle_weight * router cross-entropy toward an oracle routing computed from the dense layer itself: progressive
+    expert-choice on the attention-weighted K/V error each token avoids at a finer granularity
+    (RoutedKVAttention.oracle_benefit)
+
+The distillation terms alone reach the router only through the straight-through factor (routed_kv.py), a weak
+signal: on the tiny CLIP's text tower (3:1:6) they raised zero-shot accuracy from 32.5 to 45.5 %, the oracle term
+took it to 57.9 % (dense 67.6 %, GQA g=2 61.6 %; docs/backbones.md).
 
 Usage (same config groups as a run; the routers are cached, and a run with routers=calibrated loads them):
 
@@ -19,11 +26,12 @@ Usage (same config groups as a run; the routers are cached, and a run with route
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +40,12 @@ import torch.nn.functional as F
 
 from flbench.backbones.attention import attention_settings, dense_attention, router_parameters
 from flbench.backbones.clip import FrozenCLIP, normalize
-from flbench.backbones.routed_kv import routing_stats
+from flbench.backbones.routed_kv import RoutedKVAttention, routing_stats
 from flbench.io import atomic_write, atomic_write_json, cache_dir
 
 log = logging.getLogger("flbench")
 
-CALIBRATION_DEFAULTS = dict(steps=150, batch_size=64, lr=3e-3, images=4096, seed=0)
+CALIBRATION_DEFAULTS = dict(steps=150, batch_size=64, lr=3e-3, images=4096, seed=0, oracle_weight=1.0)
 CALIBRATION_VERSION = 1  # bump when the objective or the data changes: old caches are then not reused
 
 
@@ -81,6 +89,24 @@ def _encode(backbone: FrozenCLIP, images: torch.Tensor | None, tokens: torch.Ten
     image_features = normalize(backbone.encode_image(images)) if images is not None else None
     text_features = normalize(backbone.encode_text_embeddings(backbone.token_embeddings(tokens), tokens.argmax(-1)))
     return image_features, text_features
+
+
+def _oracle_loss(backbone: FrozenCLIP) -> torch.Tensor | None:
+    losses = [m.last_oracle_loss for m in backbone.model.modules()
+              if isinstance(m, RoutedKVAttention) and m.last_oracle_loss is not None]
+    return torch.stack(losses).mean() if losses else None
+
+
+@contextlib.contextmanager
+def _oracle_targets(backbone: FrozenCLIP, enabled: bool) -> Iterator[None]:
+    layers = [m for m in backbone.model.modules() if isinstance(m, RoutedKVAttention)]
+    for m in layers:
+        m.oracle = "target" if enabled else None
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.oracle = None
 
 
 def _distillation_loss(backbone: FrozenCLIP, images: torch.Tensor | None, tokens: torch.Tensor) -> torch.Tensor:
@@ -138,9 +164,14 @@ def calibrate(backbone: FrozenCLIP, backbone_cfg: Mapping[str, Any]) -> dict[str
     steps = int(settings["steps"])
     t0 = time.perf_counter()
     try:
+        oracle_weight = float(settings.get("oracle_weight", 0.0))
         for step in range(steps):
             x, t = draw(held_out=False)
-            loss = _distillation_loss(backbone, x, t)  # + aux loss, injected by each routed layer's backward
+            with _oracle_targets(backbone, oracle_weight > 0):
+                loss = _distillation_loss(backbone, x, t)  # + aux loss, injected by each routed layer's backward
+                oracle = _oracle_loss(backbone)
+            if oracle is not None:
+                loss = loss + oracle_weight * oracle
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

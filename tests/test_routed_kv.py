@@ -254,3 +254,22 @@ def test_train_routers_makes_them_part_of_the_methods_shared_state():
     apply_attention(other, {"attention": {"kind": "routed_kv", "train_routers": True}})
     method = attach_routers(TrainableImageSide(other, CLASSES, ["a photo of a {}."]), other)
     assert sum(k.startswith("backbone_routers.") for k in method.shared_state()) == (3 + 4) * 2
+
+
+def test_oracle_benefit_prefers_tokens_whose_pooling_error_is_attended():
+    layer = _layer(heads=4, width=32, seed=4)
+    x = torch.randn(2, 12, 32, generator=torch.Generator().manual_seed(5))
+    valid = torch.ones(2, 12, dtype=torch.bool)
+    benefit = layer.oracle_benefit(x, valid, causal=False)
+    assert benefit.shape == (2, 12, 3) and (benefit[..., -1] == 0).all()
+    assert (benefit[..., 0] >= benefit[..., 1] - 1e-6).all()  # full K/V avoids at least what g=2 avoids
+    # Heads that are already equal within each group pool without error: nothing to gain anywhere.
+    with torch.no_grad():
+        w = layer.in_proj_weight.view(3, 4, 8, 32)
+        w[1:] = w[1:, :1].expand_as(w[1:]).clone()
+        layer.in_proj_bias.view(3, 4, 8)[1:] = layer.in_proj_bias.view(3, 4, 8)[1:, :1].clone()
+    assert layer.oracle_benefit(x, valid, causal=False).abs().max() < 1e-6
+    # As a calibration target it yields a loss for the router to imitate.
+    layer.oracle = "target"
+    layer(x, x, x)
+    assert layer.last_oracle_loss is not None and layer.last_oracle_loss.requires_grad

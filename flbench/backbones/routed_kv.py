@@ -173,6 +173,8 @@ class RoutedKVAttention(SharedWeightAttention):
         self.backend = backend
         self.router = Router(self.embed_dim, len(self.group_sizes))
         self.fixed_assignment: torch.Tensor | None = None  # tests and analysis: bypass the router's choice
+        self.oracle: str | None = None  # calibration: "target" (train toward the oracle) or "route" (route by it)
+        self.last_oracle_loss: torch.Tensor | None = None
         self.last_assignment: torch.Tensor | None = None
         self.last_aux_loss: torch.Tensor | None = None
         self.last_agreement: torch.Tensor | None = None
@@ -195,18 +197,56 @@ class RoutedKVAttention(SharedWeightAttention):
             raise RuntimeError(f"sequence_lengths() gave {lengths.shape[0]} rows for a batch of {batch}")
         return positions[None, :] < lengths.to(device)[:, None]
 
-    def route(self, x: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def route(self, x: torch.Tensor, valid: torch.Tensor, causal: bool = False
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(router logits [B, L, E], assignment [B, L], pinned mask or None)."""
         logits = self.router(x)
         pinned = None
         if self.pin_cls:
             pinned = torch.zeros_like(valid)
             pinned[:, 0] = True
+        self.last_oracle_loss = None
         if self.fixed_assignment is not None:
             assign = self.fixed_assignment.to(x.device)
+        elif self.oracle == "route":
+            assign = expert_choice(self.oracle_benefit(x, valid, causal), valid, self.ratios, pinned)
         else:
             assign = expert_choice(torch.sigmoid(logits.detach()), valid, self.ratios, pinned)
+        if self.oracle == "target":
+            target = expert_choice(self.oracle_benefit(x, valid, causal), valid, self.ratios, pinned)
+            routed = valid if pinned is None else valid & ~pinned
+            self.last_oracle_loss = F.cross_entropy(logits[routed], target[routed])
         return logits, assign, pinned
+
+    @torch.no_grad()
+    def oracle_benefit(self, x: torch.Tensor, valid: torch.Tensor, causal: bool) -> torch.Tensor:
+        """[B, L, E]: attention-weighted K/V error a token avoids in expert e instead of the last (coarsest) expert.
+
+        Computed from the dense layer (full K/V for every token: calibration only). A token's pooling error is
+        weighted by the attention mass it receives: Σ_i p_ij (‖Δv_j‖² + (q_i·Δk_j / √d)²), summed over heads.
+        Progressive expert-choice on these benefits is a greedy oracle routing the router is trained to imitate.
+        """
+        (wq, bq), (wk, bk), (wv, bv) = self._split_weights()
+        heads, scale = self.num_heads, self.head_dim ** -0.5
+        q = self._heads(F.linear(x, wq, bq), heads)
+        k = self._heads(F.linear(x, wk, bk), heads)
+        v = self._heads(F.linear(x, wv, bv), heads)
+        length = x.shape[1]
+        visible = valid[:, None, None, :]
+        if causal:
+            visible = visible & torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
+        probs = torch.softmax((q @ k.transpose(-1, -2) * scale).masked_fill(~visible, float("-inf")), dim=-1)
+        probs = probs.nan_to_num(0.0) * valid[:, None, :, None]
+        costs = []
+        for g in self.group_sizes:
+            def pooled(t: torch.Tensor) -> torch.Tensor:
+                return t.unflatten(1, (heads // g, g)).mean(2, keepdim=True).expand(-1, -1, g, -1, -1).flatten(1, 2)
+
+            dk, dv = k - pooled(k), v - pooled(v)
+            key_error = ((q @ dk.transpose(-1, -2)) * scale) ** 2  # [B, H, Lq, Lk]
+            costs.append((probs * (key_error + dv.pow(2).sum(-1)[:, :, None, :])).sum((1, 2)))
+        cost = torch.stack(costs, dim=-1)
+        return cost[..., -1:] - cost
 
     def _record(self, logits: torch.Tensor, assign: torch.Tensor, valid: torch.Tensor,
                 pinned: torch.Tensor | None, need_aux: bool) -> torch.Tensor | None:
@@ -229,7 +269,7 @@ class RoutedKVAttention(SharedWeightAttention):
         else:
             raise NotImplementedError("routed_kv attention takes no mask or open_clip's causal mask")
         valid = self._valid(batch, length, x.device)
-        logits, assign, pinned = self.route(x, valid)
+        logits, assign, pinned = self.route(x, valid, causal)
         train_router = torch.is_grad_enabled() and self.router.weight.requires_grad
         aux = self._record(logits, assign, valid, pinned, need_aux=train_router and self.aux_weight > 0)
         scores = torch.sigmoid(logits) if train_router else None

@@ -31,22 +31,22 @@ def transport_plan(cost: torch.Tensor, row_mass: torch.Tensor, col_mass: torch.T
     `row_mass` (with `row_inequality`: none above it, and those of rows whose bound is active on it), or after
     `max_iter` iterations.
     """
-    cost = cost.detach().float()
+    kernel = cost.detach().float() / -eps  # log K; potentials below are in units of ε (f/ε, g/ε)
     log_a, log_b = row_mass.float().log(), col_mass.float().log()
-    f = torch.zeros_like(cost[..., :, 0])  # row potentials: log u · ε
-    g = torch.zeros_like(cost[..., 0, :])  # column potentials: log v · ε
+    f = torch.zeros_like(kernel[..., :, 0])  # log u
+    g = torch.zeros_like(kernel[..., 0, :])  # log v
     for iteration in range(max_iter):
-        lse = torch.logsumexp((g.unsqueeze(-2) - cost) / eps, dim=-1)
-        if iteration:  # once the columns hold, row sums of the current plan are exp(f/ε + lse): converged yet?
-            ratio = torch.exp(f / eps + lse - log_a) - 1.0
+        lse = torch.logsumexp(kernel + g.unsqueeze(-2), dim=-1)  # log (K v)
+        if iteration:  # once the columns hold, the row sums of the current plan are u ⊙ Kv: converged yet?
+            ratio = torch.exp(f + lse - log_a) - 1.0
             violation = ratio.clamp(min=0.0).maximum(ratio.abs() * (f < 0)) if row_inequality else ratio.abs()
             if violation.numel() == 0 or float(violation.max()) < tol:
                 break
-        f = eps * (log_a - lse)
+        f = log_a - lse
         if row_inequality:
             f = f.clamp(max=0.0)  # u = min(1, a / Kv)
-        g = eps * (log_b - torch.logsumexp((f.unsqueeze(-1) - cost) / eps, dim=-2))
-    return torch.exp((f.unsqueeze(-1) + g.unsqueeze(-2) - cost) / eps)
+        g = log_b - torch.logsumexp(kernel + f.unsqueeze(-1), dim=-2)
+    return torch.exp(kernel + f.unsqueeze(-1) + g.unsqueeze(-2))
 
 
 def ot_similarity(local_features: torch.Tensor, prompt_features: torch.Tensor, eps: float, max_iter: int = 100,

@@ -70,9 +70,17 @@ class PartitionOrderedGrid(Grid):
     clients everywhere.
     """
 
-    def __init__(self, grid: Grid) -> None:
+    def __init__(self, grid: Grid, min_nodes: int = 0, timeout_s: float = 600.0) -> None:
         self.grid = grid
         nodes = list(grid.get_node_ids())
+        # Nodes may still be connecting (Ray actors on an existing cluster, SuperNodes under `flwr run`): ask only
+        # once all `min_nodes` are there, or a late node would never get a partition id (and never be sampled).
+        deadline = time.monotonic() + timeout_s
+        while len(nodes) < min_nodes:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {len(nodes)} of {min_nodes} clients connected within {timeout_s:.0f} s")
+            time.sleep(0.5)
+            nodes = list(grid.get_node_ids())
         queries = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type=MessageType.QUERY)
                    for n in nodes]
         self.partition_of = {reply.metadata.src_node_id: _partition_of(reply)
@@ -200,8 +208,8 @@ def make_server_app(cfg: Mapping[str, Any], round_log: RoundLog) -> ServerApp:
         strategy = instrument(protocol.strategy(cfg["protocol"], common), experiment, round_log)
         checkpointer = Checkpointer.from_config(cfg)  # resumes from the last checkpoint, saves new ones
         evaluate_fn = checkpointer.attach(strategy, evaluate, round_log) if checkpointer else evaluate
-        method = experiment.fresh()
-        result = strategy.start(grid=PartitionOrderedGrid(grid), initial_arrays=ArrayRecord(method.shared_state()),
+        method, ordered_grid = experiment.fresh(), PartitionOrderedGrid(grid, num_nodes)
+        result = strategy.start(grid=ordered_grid, initial_arrays=ArrayRecord(method.shared_state()),
                                 num_rounds=num_rounds, train_config=ConfigRecord({}), evaluate_fn=evaluate_fn)
         round_log.final_state = to_state(result.arrays) if result.arrays is not None else {}
 

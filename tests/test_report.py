@@ -169,3 +169,16 @@ def test_wandb_leaderboard_is_a_table_in_the_offline_run_and_written_locally(res
     assert logged["columns"][:3] == ["algorithm.name", "base", "base (std)"]
     coop = next(row for row in logged["data"] if row[0] == "coop")
     assert coop[1] == pytest.approx(75.0) and coop[-1] == 3
+
+
+def test_kv_bytes_percent_from_the_records_attention_costs():
+    from flbench.results.tables import kv_percent
+
+    text = {"kind": "dense", "layers": 3, "heads": 4, "head_dim": 32, "seq_len": 16, "kv_fraction": 1.0,
+            "kv_bytes_per_token_per_layer": 1024.0, "kv_bytes_per_token_per_layer_realised": 1024.0}
+    vision = {"kind": "routed_kv", "layers": 4, "heads": 4, "head_dim": 16, "seq_len": 65, "kv_fraction": 0.5,
+              "kv_bytes_per_token_per_layer": 257.0, "kv_bytes_per_token_per_layer_realised": 269.8}
+    expected = 100 * (3 * 16 * 1024 + 4 * 65 * 269.8) / (3 * 16 * 1024 + 4 * 65 * 512)
+    assert kv_percent({"attention": {"text": text, "vision": vision}}) == pytest.approx(expected)
+    assert kv_percent({"attention": {"text": text}}) == pytest.approx(100.0)
+    assert kv_percent({"trainable_params": 1}) is None

@@ -207,8 +207,22 @@ def kv_percent(costs: Mapping[str, Any]) -> float | None:
     for key in ("kv_fraction", "kv_bytes_fraction"):
         if costs.get(key) is not None:
             return 100.0 * float(costs[key])
-    kv, dense = costs.get("kv_bytes_per_token"), costs.get("dense_kv_bytes_per_token")
-    return 100.0 * float(kv) / float(dense) if kv is not None and dense else None
+    towers = costs.get("attention")
+    if isinstance(towers, Mapping) and towers:
+        # KV-cache bytes of a whole sequence (realised capacities, router index included) over all towers and
+        # layers, relative to dense multi-head K/V at the same element size.
+        kv = dense = 0.0
+        for tower in towers.values():
+            if not tower.get("seq_len") or not tower.get("kv_fraction"):
+                continue
+            per_token = float(tower.get("kv_bytes_per_token_per_layer_realised", tower["kv_bytes_per_token_per_layer"]))
+            element = round(float(tower["kv_bytes_per_token_per_layer"]) /
+                            (2 * float(tower["kv_fraction"]) * tower["heads"] * tower["head_dim"]))
+            tokens = tower["layers"] * tower["seq_len"]
+            kv += tokens * per_token
+            dense += tokens * 2 * tower["heads"] * tower["head_dim"] * max(element, 1)
+        return 100.0 * kv / dense if dense else None
+    return None
 
 
 EFFICIENCY = (  # (label, unit, digits, value from a record)
@@ -240,8 +254,12 @@ def build_table(records: Sequence[Mapping[str, Any]], rows: Sequence[str] = ("al
     blocks = list(group_records(records, columns)) if columns else [()]
     block_label = {b: " · ".join(b) for b in blocks}
     out_columns = [Column(f"{block_label[b]} · {m}" if b else m, "accuracy") for b in blocks for m in metrics]
-    eff = [(label, unit, digits, get) for label, unit, digits, get in EFFICIENCY if efficiency and
-           any(get(r) is not None for r in records)]
+    def shown(label: str, get: Any) -> bool:
+        values = [v for r in records if (v := get(r)) is not None]
+        # KV bytes only matter when some backbone is not dense: a column of 100.0 says nothing
+        return bool(values) and (label != "KV bytes %" or any(abs(v - 100.0) > 1e-9 for v in values))
+
+    eff = [(label, unit, digits, get) for label, unit, digits, get in EFFICIENCY if efficiency and shown(label, get)]
     out_columns += [Column(label, "cost", unit, digits) for label, unit, digits, _ in eff]
     if efficiency and len(blocks) > 1:
         notes = ["efficiency columns average over all of a row's column blocks"]

@@ -14,8 +14,19 @@ from flbench.fl.client_app import LOCAL_KEY, to_state
 from flbench.run import run
 from helpers import compose_config
 
-# 32 classes × 2 domains × 2 shots over 2 clients (one domain each), 2 rounds: a few seconds per method.
-FAST = ["backbone=tiny-vit", "dataset.family=patterns", "dataset.test_per_class=1", "num_clients=2", "shots=2"]
+# 32 classes, one domain, one shot per class, two clients of 16 images: one local step per client and round.
+FAST = ["backbone=tiny-vit", "dataset.family=patterns", "dataset.domains=[photo]", "dataset.train_per_class=1",
+        "dataset.val_per_class=1", "dataset.test_per_class=1", "shots=1", "num_clients=2", "num_rounds=2"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: a second OpenMP thread buys nothing and, on a busy machine, makes these tests several times
+    slower (the text-side zoo tests measured 5-9x)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _run(algorithm, tmp_path, extra=()):

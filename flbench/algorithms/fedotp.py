@@ -30,6 +30,8 @@ from flbench.errors import ConfigError
 
 class FedOTP(PromptMethod):
     name = "fedotp"
+    paper = "FedOTP (Li et al., CVPR 2024)"
+    extra_loss = "none (cross-entropy on unbalanced-OT logits)"
 
     def __init__(self, backbone: FrozenCLIP, classnames: Sequence[str], templates: Sequence[str] = ("a photo of a {}.",),
                  n_ctx: int = 4, class_token_position: str = "end", mass: float = 0.8, eps: float = 0.01,

@@ -26,6 +26,8 @@ from flbench.backbones.clip import FrozenCLIP
 
 class MaPLe(PromptMethod):
     name = "maple"
+    paper = "MaPLe (Khattak et al., CVPR 2023)"
+    extra_loss = "none"
     frozen_image_side = False
 
     def __init__(self, backbone: FrozenCLIP, classnames: Sequence[str], templates: Sequence[str] = ("a photo of a {}.",),

@@ -30,6 +30,8 @@ from flbench.errors import ConfigError
 
 class PLOT(PromptMethod):
     name = "plot"
+    paper = "PLOT (Chen et al., ICLR 2023)"
+    extra_loss = "none (cross-entropy on OT-distance logits)"
 
     def __init__(self, backbone: FrozenCLIP, classnames: Sequence[str], templates: Sequence[str] = ("a photo of a {}.",),
                  n_prompts: int = 4, n_ctx: int = 4, class_token_position: str = "end", eps: float = 0.1,

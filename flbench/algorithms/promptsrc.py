@@ -41,6 +41,9 @@ def gaussian_weights(num: int, mean: float, std: float) -> torch.Tensor:
 
 class PromptSRC(PromptMethod):
     name = "promptsrc"
+    paper = "PromptSRC (Khattak et al., ICCV 2023)"
+    extra_loss = ("25·L1(text features, frozen) + 10·L1(image features, frozen) + KL(zero-shot ‖ prompted); "
+                  "Gaussian prompt aggregation of the reported model")
     frozen_image_side = False
 
     def __init__(self, backbone: FrozenCLIP, classnames: Sequence[str], templates: Sequence[str] = ("a photo of a {}.",),

@@ -26,6 +26,8 @@ from flbench.errors import ConfigError
 
 class VPT(PromptMethod):
     name = "vpt"
+    paper = "VPT (Jia et al., ECCV 2022)"
+    extra_loss = "none"
     frozen_image_side = False
 
     def __init__(self, backbone: FrozenCLIP, classnames: Sequence[str], templates: Sequence[str] = ("a photo of a {}.",),

@@ -124,9 +124,12 @@ def _distillation_loss(backbone: FrozenCLIP, images: torch.Tensor | None, tokens
 
 
 def _evaluate(backbone: FrozenCLIP, images: torch.Tensor | None, tokens: torch.Tensor) -> dict[str, float]:
-    with torch.no_grad():
+    """Held-out distillation loss, router CE toward the oracle routing, argmax/expert-choice agreement per tower."""
+    with torch.no_grad(), _oracle_targets(backbone, True):
         loss = float(_distillation_loss(backbone, images, tokens))
-    return {"distillation_loss": round(loss, 5), **{k: round(v, 4) for k, v in routing_stats(backbone.model).items()}}
+        oracle = _oracle_loss(backbone)
+    return {"distillation_loss": round(loss, 5), "oracle_loss": round(float(oracle), 5) if oracle is not None else None,
+            **{k: round(v, 4) for k, v in routing_stats(backbone.model).items()}}
 
 
 def calibrate(backbone: FrozenCLIP, backbone_cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -194,6 +197,9 @@ def calibrated_routers(backbone: FrozenCLIP, backbone_cfg: Mapping[str, Any], fo
         return torch.load(path, map_location="cpu", weights_only=True)
     log.info("calibrating the routers of %s (first time only, cached at %s)", backbone.name, path)
     report = calibrate(backbone, backbone_cfg)
+    attention = attention_settings(backbone_cfg.get("attention"))
+    report["backbone"] = backbone.name
+    report["layout"] = {k: attention[k] for k in ("group_sizes", "ratios", "towers", "pin_cls", "aux_weight")}
     state = {name: p.detach().clone() for name, p in router_parameters(backbone.model).items()}
     atomic_write(path, lambda f: torch.save(state, f))
     atomic_write_json(path.with_suffix(".json"), report)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -412,32 +412,7 @@ def attention_costs(model: nn.Module, bytes_per_element: int = 2) -> dict[str, A
     return out
 
 
-def describe(cfg: Mapping[str, Any] | None) -> str:
-    """Short label of an attention config for tables: dense, gqa-g2, routed_kv 3:1:6."""
-    s = attention_settings(cfg)
-    if s["kind"] == "gqa":
-        return f"gqa g={s['group_size']}"
-    if s["kind"] == "routed_kv":
-        ratios = ":".join(f"{r:g}" for r in s["ratios"])
-        return f"routed_kv {ratios} ({s['routers']})"
-    return "dense"
-
-
-def _fraction(ratios: Sequence[float], group_sizes: Sequence[int]) -> float:
-    total = float(sum(ratios))
-    return sum(r / total / g for r, g in zip(ratios, group_sizes))
-
-
-def nominal_kv_fraction(cfg: Mapping[str, Any] | None) -> float:
-    s = attention_settings(cfg)
-    if s["kind"] == "gqa":
-        return 1.0 / s["group_size"]
-    if s["kind"] == "routed_kv":
-        return _fraction(s["ratios"], s["group_sizes"])
-    return 1.0
-
-
 __all__ = ["KINDS", "GroupedKVAttention", "RouterBank", "SharedWeightAttention", "apply_attention", "attach_routers",
-           "attention_costs", "attention_settings", "dense_attention", "describe", "is_causal_mask",
-           "nominal_kv_fraction", "pooled_projection", "restore_attention", "router_parameters", "sequence_lengths",
-           "swap_attention", "swapped_modules", "transformer_blocks"]
+           "attention_costs", "attention_settings", "dense_attention", "is_causal_mask", "pooled_projection",
+           "restore_attention", "router_parameters", "sequence_lengths", "swap_attention", "swapped_modules",
+           "transformer_blocks"]

@@ -103,7 +103,7 @@ def test_deep_visual_prompts_replace_the_previous_prompt_outputs(vit, images):
     visual = vit.model.visual
     x = visual._embeds((images - vit.mean) / vit.std)
     n = x.shape[1]
-    x = visual.transformer.resblocks[0](torch.cat([x, p0.expand(4, -1, -1)], 1))
+    x = visual.transformer.resblocks[0](torch.cat([x, visual.ln_pre(p0).expand(4, -1, -1)], 1))  # block 0: ln_pre
     x = torch.cat([x[:, :n], p1.expand(4, -1, -1)], 1)
     for block in visual.transformer.resblocks[1:]:
         x = block(x)

@@ -6,9 +6,10 @@ but calls every block through its normal `forward`, so an attention variant swap
 (`backbones/attention.py`) keeps working; nothing here reimplements a transformer block.
 
 Conventions, shared by VPT, MaPLe and PromptSRC:
-- visual prompts are tokens appended after the [CLS] and patch tokens at the *input of a block* (after `ln_pre`),
-  without positional embeddings. Attention has no order and pooling reads [CLS], so where they sit in the sequence
-  does not change the result; appending keeps patch tokens at positions 1..P.
+- visual prompts are tokens appended after the [CLS] and patch tokens at the *input of a block*, without positional
+  embeddings. Prompts of block 0 pass through `ln_pre` like the patch embeddings (as MaPLe's and PromptSRC's CLIP
+  code insert them before it); deeper prompts enter their block as they are. Attention has no order and pooling reads
+  [CLS], so where they sit in the sequence does not change the result; appending keeps patches at positions 1..P.
 - `prompts[i]` is inserted at the input of block i. At block 0 the tokens are added; at a later block they replace
   the previous block's outputs at the prompt positions (VPT-deep, MaPLe, PromptSRC). Blocks past the last entry carry
   the prompt outputs along (VPT-shallow is `prompts=[p]`). Prompt outputs are dropped before pooling.
@@ -73,7 +74,9 @@ def encode_image_prompted(backbone: FrozenCLIP, images: torch.Tensor,
     With `return_tokens`, also the patch tokens after `ln_post`, projected to the joint space [B, P, D] (CLIP's local
     features, as PLOT and FedOTP use them). With no prompts this equals `backbone.encode_image(images)`.
     """
-    require_vit(backbone, "visual prompting")
+    if not backbone.is_vit:
+        raise ConfigError(f"visual prompts need a ViT image tower; backbone {backbone.name!r} is a ResNet "
+                          "(use backbone=tiny-vit or backbone=vit_b16)")
     visual = backbone.model.visual
     x = visual._embeds((images - backbone.mean) / backbone.std)  # [CLS]+patches, positions, ln_pre (open_clip 3.x)
     num_tokens = x.shape[1]
@@ -82,6 +85,8 @@ def encode_image_prompted(backbone: FrozenCLIP, images: torch.Tensor,
         if i >= len(prompts) or prompts[i] is None:
             return h
         prompt = _expand(prompts[i], h.shape[0]).to(h.dtype)
+        if i == 0:
+            prompt = visual.ln_pre(prompt)
         return torch.cat([h[:, :num_tokens], prompt], dim=1)  # adds at block 0, replaces the old prompts later
 
     x = _blocks(visual.transformer, x, None, insert)[:, :num_tokens]

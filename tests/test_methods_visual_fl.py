@@ -80,6 +80,10 @@ def test_fedotp_local_prompt_stays_on_its_client_between_rounds(tmp_path, monkey
     record = _run("fedotp", tmp_path, ["algorithm.max_iter=10"])  # OT accuracy is not this test's subject
     losses = _losses(record)
     assert losses[-1] < losses[0], losses
+    width = len(calls[0]["sent"]["global_ctx"][0])  # the text width, read from the model: 4 context vectors of it
+    costs = record["costs"]
+    assert costs["trainable_params"] == 2 * 4 * width and costs["shared_params"] == 4 * width
+    assert costs["bytes_per_round"] == 2 * 2 * 4 * width * 4, "up + down, 2 clients, float32, global prompt only"
     by = {(c["client"], c["round"]): c for c in calls}
     assert set(by) == {(0, 1), (1, 1), (0, 2), (1, 2)}
     initial = by[(0, 1)]["start"]["local_ctx"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
                             zeroshot=not args.no_zeroshot, efficiency=not args.no_efficiency, caption=args.caption)
         text = render(table, args.format)
         if args.out:
-            atomic_write(args.out, lambda f: f.write(text), mode="w")
+            os.chmod(atomic_write(args.out, lambda f: f.write(text), mode="w"), 0o644)  # a table, not a secret
             log.info("table (%d records) written to %s", len(records), args.out)
         else:
             sys.stdout.write(text)

@@ -37,8 +37,11 @@ def leaderboard_rows(table: Table) -> tuple[list[str], list[list[Any]]]:
 
 def write_local(table: Table, out_dir: str | Path, title: str = "flbench leaderboard") -> list[Path]:
     out = Path(out_dir)
-    return [atomic_write(out / "leaderboard.md", lambda f: f.write(f"# {title}\n\n{to_markdown(table)}"), mode="w"),
-            atomic_write(out / "leaderboard.html", lambda f: f.write(to_html(table, title)), mode="w")]
+    paths = [atomic_write(out / "leaderboard.md", lambda f: f.write(f"# {title}\n\n{to_markdown(table)}"), mode="w"),
+             atomic_write(out / "leaderboard.html", lambda f: f.write(to_html(table, title)), mode="w")]
+    for path in paths:
+        path.chmod(0o644)  # temp files are created private; a leaderboard is meant to be read
+    return paths
 
 
 def push_wandb(table: Table, project: str = "flbench", entity: str | None = None, mode: str = "offline",

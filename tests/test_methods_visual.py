@@ -113,6 +113,27 @@ def test_deep_visual_prompts_replace_the_previous_prompt_outputs(vit, images):
     assert not torch.allclose(deep, shallow, atol=1e-4)
 
 
+def test_prompted_passes_use_swapped_attention(images):
+    """With routed-KV attention swapped into both towers, the prompted passes go through every swapped module and
+    gradients still reach the prompts."""
+    from flbench.backbones.attention import apply_attention, swapped_modules
+
+    backbone = random_tiny("tiny-vit", seed=1)
+    apply_attention(backbone, {"attention": {"kind": "routed_kv"}})
+    modules = swapped_modules(backbone.model)
+    assert len(modules) == prompted.vision_layers(backbone) + prompted.text_layers(backbone)
+    called = set()
+    handles = [m.register_forward_hook(lambda module, *_: called.add(id(module))) for m in modules]
+    try:
+        maple = build_method("maple", backbone, CLASSES, TEMPLATE, {})
+        _backward(maple, images)
+    finally:
+        for h in handles:
+            h.remove()
+    assert called == {id(m) for m in modules}
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in maple.parameters())
+
+
 @pytest.mark.parametrize("name", ["vpt", "maple", "promptsrc"])
 def test_visual_prompt_methods_refuse_a_resnet(name, resnet):
     with pytest.raises(ConfigError, match="tiny-vit"):

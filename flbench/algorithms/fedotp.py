@@ -50,7 +50,8 @@ class FedOTP(PromptMethod):
         self.mass, self.eps, self.max_iter, self.tol = float(mass), float(eps), int(max_iter), float(tol)
 
     def shared_keys(self) -> list[str]:
-        return ["global_ctx"]
+        """Everything trainable but the local prompt (routers attached by `backbone.attention.train_routers` too)."""
+        return [k for k in super().shared_keys() if k != "local_ctx"]
 
     def set_classnames(self, classnames: Sequence[str]) -> None:
         super().set_classnames(classnames)

@@ -234,6 +234,16 @@ EFFICIENCY = (  # (label, unit, digits, value from a record)
 )
 
 
+def _efficiency_columns(records: Sequence[Mapping[str, Any]]) -> list[tuple[str, str, int, Any]]:
+    """The EFFICIENCY columns some record has a value for (KV bytes only when some backbone is not dense: a column
+    of 100.0 says nothing)."""
+    def shown(label: str, get: Any) -> bool:
+        values = [v for r in records if (v := get(r)) is not None]
+        return bool(values) and (label != "KV bytes %" or any(abs(v - 100.0) > 1e-9 for v in values))
+
+    return [column for column in EFFICIENCY if shown(column[0], column[3])]
+
+
 def build_table(records: Sequence[Mapping[str, Any]], rows: Sequence[str] = ("algorithm.name",),
                 columns: Sequence[str] = (), metrics: Sequence[str] | None = None, selection: str = "best_val",
                 zeroshot: bool = True, efficiency: bool = True, caption: str = "") -> Table:
@@ -254,17 +264,9 @@ def build_table(records: Sequence[Mapping[str, Any]], rows: Sequence[str] = ("al
     blocks = list(group_records(records, columns)) if columns else [()]
     block_label = {b: " · ".join(b) for b in blocks}
     out_columns = [Column(f"{block_label[b]} · {m}" if b else m, "accuracy") for b in blocks for m in metrics]
-    def shown(label: str, get: Any) -> bool:
-        values = [v for r in records if (v := get(r)) is not None]
-        # KV bytes only matter when some backbone is not dense: a column of 100.0 says nothing
-        return bool(values) and (label != "KV bytes %" or any(abs(v - 100.0) > 1e-9 for v in values))
-
-    eff = [(label, unit, digits, get) for label, unit, digits, get in EFFICIENCY if efficiency and shown(label, get)]
+    eff = _efficiency_columns(records) if efficiency else []
     out_columns += [Column(label, "cost", unit, digits) for label, unit, digits, _ in eff]
-    if efficiency and len(blocks) > 1:
-        notes = ["efficiency columns average over all of a row's column blocks"]
-    else:
-        notes = []
+    notes = ["efficiency columns average over all of a row's column blocks"] if eff and len(blocks) > 1 else []
 
     table_rows: list[tuple[str, ...]] = []
     cells: list[list[Cell]] = []

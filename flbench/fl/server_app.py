@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +21,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy import strategy_utils
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from flbench.experiment import Experiment, derive_seed, get_experiment
@@ -113,17 +115,35 @@ class PartitionOrderedGrid(Grid):
         return self.grid.send_and_receive(messages, timeout=timeout)
 
 
+@contextmanager
+def seeded_sampling(seed: int) -> Iterator[None]:
+    """Flower samples clients with the `random` module's global state, which other threads of the Ray engine also
+    draw from. For the duration of one configure call, its sampler gets a private generator seeded per round."""
+    shared = strategy_utils.random
+    strategy_utils.random = random.Random(seed)  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        strategy_utils.random = shared
+
+
 def instrument(strategy: Strategy, experiment: Experiment, round_log: RoundLog) -> Strategy:
     """Wrap a Flower strategy's hooks without changing what it computes:
 
+    - sample clients from a generator seeded by (seed, round), the same on every backend, and independent of
+      whether clients are also asked to evaluate;
     - aggregate replies in partition order, not arrival order (float sums then do not depend on which Ray worker
       finished first), and count sampled / failed replies for the round's row;
-    - send clients the model the server reports (PromptMethod.reported_state), for their own evaluation;
-    - keep client-side evaluation from consuming the `random` state that seeds client sampling, so turning
-      personal evaluation on does not change which clients train.
+    - send clients the model the server reports (PromptMethod.reported_state), for their own evaluation.
     """
     aggregate_train = strategy.aggregate_train
+    configure_train = strategy.configure_train
     configure_evaluate = strategy.configure_evaluate
+    seed = experiment.seed
+
+    def seeded_configure_train(server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Any:
+        with seeded_sampling(derive_seed(seed, 3, server_round)):
+            return list(configure_train(server_round, arrays, config, grid))
 
     def ordered_aggregate_train(server_round: int, replies: Iterable[Message]) -> Any:
         replies = sorted(replies, key=_partition_of)
@@ -135,12 +155,10 @@ def instrument(strategy: Strategy, experiment: Experiment, round_log: RoundLog) 
 
     def reported_configure_evaluate(server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Any:
         reported = experiment.method.reported_state(round_log.aggregates + [to_state(arrays)])
-        state = random.getstate()
-        try:
+        with seeded_sampling(derive_seed(seed, 4, server_round)):
             return list(configure_evaluate(server_round, ArrayRecord(reported) if reported else arrays, config, grid))
-        finally:
-            random.setstate(state)
 
+    strategy.configure_train = seeded_configure_train  # type: ignore[method-assign]
     strategy.aggregate_train = ordered_aggregate_train  # type: ignore[method-assign]
     strategy.configure_evaluate = reported_configure_evaluate  # type: ignore[method-assign]
     return strategy
@@ -166,7 +184,7 @@ def make_server_app(cfg: Mapping[str, Any], round_log: RoundLog) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        random.seed(derive_seed(int(cfg["seed"]), 3))  # Flower samples clients with the `random` module
+        random.seed(derive_seed(int(cfg["seed"]), 3))  # sampling itself is seeded per round (seeded_sampling)
         experiment = get_experiment(cfg)
         protocol = get_protocol(cfg["protocol"]["name"])
         scenario = experiment.scenario

@@ -83,8 +83,8 @@ def get_protocol(name: str) -> Protocol:
 def sampling_kwargs(cfg: Mapping[str, Any], num_nodes: int) -> dict[str, Any]:
     """Flower's sampling settings from protocol config: fraction of clients per round, minimum counts.
 
-    Flower samples int(fraction·N) nodes, but never fewer than `min_train_nodes`; sampling uses Python's `random`,
-    which the ServerApp seeds, over nodes listed in partition order (so both backends pick the same clients).
+    Flower samples int(fraction·N) nodes, but never fewer than `min_train_nodes`; the ServerApp gives its sampler a
+    generator seeded per round and lists nodes in partition order, so both backends pick the same clients.
     """
     fraction = float(cfg.get("fraction", 1.0))
     if not 0.0 < fraction <= 1.0:

@@ -113,3 +113,13 @@ def test_smaller_alpha_means_more_label_skew():
                            options={"alpha": alpha, "min_samples": 1})
         return np.mean([np.bincount(LABELS[s], minlength=10).max() / len(s) for s in shards])
     assert skew(0.05) > skew(100.0)
+
+
+def test_partition_plot_writes_a_png(tmp_path):
+    from flbench.datasets.partition_plot import plot_partition
+
+    shards = partition("pathological", LABELS, DOMAINS, num_clients=4, shots=4, seed=0, options={"classes_per_client": 2})
+    stats = {"class_histograms": [np.bincount(LABELS[s], minlength=10).tolist() for s in shards],
+             "domain_histograms": [np.bincount(DOMAINS[s], minlength=4).tolist() for s in shards]}
+    path = plot_partition(stats, tmp_path / "partition.png", domain_names=["a", "b", "c", "d"])
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000

@@ -9,7 +9,7 @@ Paper defaults: γ = 0.8 ("top_percent"), ε = 0.01, 100 iterations, tolerance 1
 tokens; n_ctx defaults to 4 here so prompts fit the tiny CLIP's 16-token context.
 
 On the server, `global` evaluation sees the global prompt with the initial local prompt (the server never holds a
-client's local prompt). Local features: ViT patch tokens; the tiny ResNet CLIP has just one (see plot.py).
+client's local prompt). Local features: ViT patch tokens; neither tiny CLIP has useful ones (see plot.py).
 """
 
 from __future__ import annotations

@@ -241,7 +241,9 @@ def main() -> None:
         report = path.with_suffix(".json")
         print(f"routers: {path}")
         if report.exists():
-            print(report.read_text())
+            data = json.loads(report.read_text())
+            print(f"held-out before: {data['before']}\nheld-out after:  {data['after']}\n"
+                  f"({data['steps']} steps, {data['seconds']} s; report: {report})")
 
     _main()
 

@@ -32,6 +32,13 @@ VARIANTS: list[tuple[str, list[str]]] = [
     ("routed_kv 1:1:8 (calibrated)", ["+backbone/attention=routed_kv", "backbone.attention.ratios=[1,1,8]",
                                       "backbone.attention.routers=calibrated"]),
 ]
+# Where the loss comes from on the ViT: the same budgets in the image tower only (the text tower stays dense).
+VISION_ONLY: list[tuple[str, list[str]]] = [
+    ("gqa g=2, image tower only", ["+backbone/attention=gqa", "backbone.attention.towers=[vision]"]),
+    ("routed_kv 3:1:6 (calibrated), image tower only", ["+backbone/attention=routed_kv",
+                                                        "backbone.attention.towers=[vision]",
+                                                        "backbone.attention.routers=calibrated"]),
+]
 BACKBONES = ["tiny", "tiny-vit"]
 
 
@@ -94,6 +101,8 @@ def calibration_rows(cache: Path) -> list[str]:
         if "layout" not in data:
             continue
         label = f"{data['backbone']} {':'.join(f'{r:g}' for r in data['layout']['ratios'])}"
+        if len(data["layout"]["towers"]) == 1:
+            label += f" ({data['layout']['towers'][0]} only)"
         rows.append(f"| {label} | {b['distillation_loss']:.3f} → {a['distillation_loss']:.3f} | "
                     f"{b.get('oracle_loss', float('nan')):.2f} → {a.get('oracle_loss', float('nan')):.2f} | "
                     f"{agreement(b)} → {agreement(a)} | {data['seconds']:.0f} |")
@@ -120,7 +129,7 @@ def main() -> None:
     lines = [HEADER]
     started = time.perf_counter()
     for backbone in args.backbones:
-        for name, overrides in VARIANTS:
+        for name, overrides in VARIANTS + (VISION_ONLY if backbone == "tiny-vit" else []):
             records = []
             for seed in args.seeds:
                 cfg = compose([f"backbone={backbone}", *overrides, f"num_rounds={args.rounds}", f"seed={seed}",

@@ -162,8 +162,9 @@ def test_causal_mask_detection(models):
 
 
 def test_cost_accounting_by_hand(backbones):
-    """tiny-vit: width 128, 4 heads of 32; vision L=65 over 4 layers, text L=16 over 3 layers; fp16 K/V."""
-    width, heads, d = 128, 4, 32
+    """tiny-vit: image tower width 64 in 4 heads of 16, L=65, 4 layers; text tower width 128 in 4 heads of 32, L=16,
+    3 layers (causal); K/V in fp16."""
+    width, heads, d = 64, 4, 16
     backbone = backbones["tiny-vit"]
     dense = attention_costs(backbone)
     costs = {}
@@ -174,14 +175,15 @@ def test_cost_accounting_by_hand(backbones):
     gqa, routed, low = costs["gqa"], costs["routed"], costs["low"]
     v = dense["vision"]
     assert v["kind"] == "dense" and v["seq_len"] == 65 and v["layers"] == 4
-    assert v["kv_bytes_per_token_per_layer"] == 2 * heads * d * 2 == 512
+    assert v["kv_bytes_per_token_per_layer"] == 2 * heads * d * 2 == 256
     assert v["kv_proj_flops_per_token_per_layer"] == 2 * 2 * width * heads * d
     assert v["attention_flops_per_sequence"] == 4 * heads * 4 * d * 65 * 65
-    assert dense["text"]["attention_flops_per_sequence"] == 3 * heads * 4 * d * 16 * 17 // 2  # causal pairs
-    assert gqa["vision"]["kv_bytes_per_token_per_layer"] == 256 and gqa["vision"]["kv_fraction"] == 0.5
+    assert dense["text"]["attention_flops_per_sequence"] == 3 * 4 * 4 * 32 * 16 * 17 // 2  # causal pairs
+    assert dense["text"]["kv_bytes_per_token_per_layer"] == 2 * 4 * 32 * 2
+    assert gqa["vision"]["kv_bytes_per_token_per_layer"] == 128 and gqa["vision"]["kv_fraction"] == 0.5
     r = routed["vision"]
     assert r["kv_fraction"] == 0.5
-    assert r["kv_bytes_per_token_per_layer"] == 256 + 1  # plus the 1-byte expert index
+    assert r["kv_bytes_per_token_per_layer"] == 128 + 1  # plus the 1-byte expert index
     assert r["kv_proj_flops_per_token_per_layer"] == 2 * 2 * width * 2 * d + 2 * width * 3  # half K/V + router
     # 65 tokens at 3:1:6: capacities 20, 7, 38 -> (20*4 + 7*2 + 38*1) / 65 K/V heads per token
     assert r["kv_fraction_realised"] == pytest.approx((20 * 4 + 7 * 2 + 38) / 65 / 4, abs=1e-6)

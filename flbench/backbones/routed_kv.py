@@ -21,8 +21,9 @@ Per layer:
 Router gradient (our choice; the paper's hard masks give the router no task gradient). Each token's values in its
 expert are scaled by s / stopgrad(s), s = the token's score for the expert it was assigned to: the forward pass is
 unchanged (the factor is exactly 1), and the router receives ∂L/∂s = Σ_i p_ij ⟨∂L/∂o_i, v_j⟩ / s — how much the
-token's contribution, at the granularity it was given, helps the loss. Tokens whose contribution matters get higher
-scores and, in the progressive expert-choice, are taken first by the finer experts. The auxiliary loss is added to
+token's contribution, at the granularity it was given, helps the loss. That signal is weak (it says whether a token
+matters, not which granularity it needs), so the calibration (flbench/calibrate.py) also trains the router toward
+an oracle routing computed from the dense layer (`oracle_benefit`). The auxiliary loss is added to
 the backward pass of the layer's output by a tiny autograd function (identity forward; backward also sends α to
 the aux loss), so any loss computed from the model — a prompt method's, the calibration's — trains the router
 with it without knowing about it. Both are active only when the router's parameters require gradients.

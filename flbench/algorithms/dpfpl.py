@@ -11,8 +11,9 @@ g_G = g, g_u = g·vᵀ, g_v = uᵀ·g; the local update is rebuilt from the fact
 of n_ctx·width.
 
 Privacy (DP-SGD on each client): per-example gradients are clipped to norm C separately for G, u and v, summed, and
-Gaussian noise N(0, (z·C)²) is added to each sum before dividing by the batch size. The noise multiplier follows the paper's calibration from the target (ε, δ) and the number of rounds R,
-z = √(R·ln(1/δ)) / ε (`noise_multiplier` overrides it). The privacy actually spent is not taken from that formula: the
+Gaussian noise N(0, (z·C)²) is added to each sum before dividing by the batch size. The noise multiplier follows
+the paper's calibration from the target (ε, δ) and the number of rounds R, z = √(R·ln(1/δ)) / ε
+(`noise_multiplier` overrides it). The privacy actually spent is not taken from that formula: the
 run record reports ε from Opacus' RDP accountant for z, each client's sampling rate B/n and its number of noisy steps
 (every round, `epochs` passes), for the shared global prompt (what the server sees), the local factors, and both
 together (three Gaussian releases per step compose to noise multiplier z/√3); the headline ε is the largest over
@@ -26,6 +27,12 @@ server never sees an un-noised update). Gradients are clipped per example (DP-SG
 update is first order (Δ(u·v) ≈ Δu·v + u·Δv). Defaults: rank = n_ctx / 2 (the paper's 8 of 16), C = 10 (the
 authors' release), ε = 0.4 (FLiP's default DP-FPL level), δ = 1e-5. The server, which holds no client's local
 prompt, evaluates G alone (see `personal.PersonalPromptMethod`).
+
+Measured on the default synthetic experiment (10 clients of 170–256 images, batch 32, 10 rounds, seed 0): at
+ε = 0.4 the calibration gives z ≈ 26.8, the accountant reports ε ≈ 0.36 (shared prompt alone ≈ 0.20), and the noise
+swamps the gradient — global test accuracy stays at zero-shot level (67.5 vs 67.6); without privacy
+(`epsilon: null`) DP-FPL reaches 68.5 (both best-by-validation). Per-example gradients make a private step about
+B times dearer than a plain one.
 """
 
 from __future__ import annotations
@@ -50,13 +57,18 @@ def paper_noise_multiplier(epsilon: float, delta: float, rounds: int) -> float:
     return math.sqrt(rounds * math.log(1.0 / delta)) / epsilon
 
 
+# Opacus' default RDP orders (1.1 … 63) plus larger ones: with heavy noise (z ≈ 27 at ε = 0.4, 10 rounds) the best
+# order lies beyond 63, and stopping there overstates ε.
+RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [64, 96, 128, 192, 256, 384, 512, 1024]
+
+
 def rdp_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
     """ε spent by `steps` subsampled Gaussian steps, from Opacus' RDP accountant."""
     from opacus.accountants import RDPAccountant  # heavy import (~2 s), only when a record is written
 
     accountant = RDPAccountant()
     accountant.history = [(noise_multiplier, sample_rate, steps)]
-    return float(accountant.get_epsilon(delta))
+    return float(accountant.get_epsilon(delta, alphas=RDP_ORDERS))
 
 
 @torch.no_grad()

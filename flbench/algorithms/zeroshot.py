@@ -1,4 +1,9 @@
-"""Zero-shot CLIP: hand-crafted templates, no training (the baseline every table starts from)."""
+"""Zero-shot CLIP: hand-crafted templates, no training (the baseline every table starts from).
+
+Class features come from the dataset's first template, or with `ensemble: true` from CLIP's prompt ensemble over all
+the dataset's templates (`DatasetBundle.templates`; for the synthetic suite one per rendering domain of the config):
+each template's normalised features, averaged and renormalised.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,8 @@ from flbench.backbones.clip import FrozenCLIP
 
 class ZeroShot(PromptMethod):
     name = "zeroshot"
+    paper = "Zero-shot CLIP (Radford et al., ICML 2021)"
+    extra_loss = "— (nothing is trained)"
 
     def __init__(self, backbone: FrozenCLIP, classnames: Sequence[str], templates: Sequence[str] = ("a photo of a {}.",),
                  ensemble: bool = False, **hparams: Any) -> None:

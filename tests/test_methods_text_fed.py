@@ -84,8 +84,12 @@ def test_local_parts_stay_with_their_client_and_come_back_next_round(monkeypatch
         assert len(matches) == 1
     assert sorted(i for state in restored for i, held in enumerate(after_first)
                   if all(torch.equal(state[k], held[k]) for k in held)) == [0, 1]
+    after_second = [to_state(ctx.state[LOCAL_KEY]) for ctx in grid.contexts.values()]
+    for key in keys:
+        assert not torch.allclose(after_second[0][key], after_second[1][key])
+        assert not torch.allclose(after_second[0][key], after_first[0][key]), "round 2 trained on from round 1"
     shared = set(method.shared_keys())
-    assert all(not (set(to_state(ctx.state[LOCAL_KEY])) & shared) for ctx in grid.contexts.values())
+    assert all(not (set(state) & shared) for state in after_second), "nothing shared is kept as local state"
 
 
 def test_zeroshot_ensemble_uses_the_datasets_templates(tmp_path):

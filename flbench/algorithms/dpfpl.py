@@ -48,7 +48,7 @@ from torch import nn
 from flbench.algorithms.base import cosine_logits
 from flbench.algorithms.personal import PersonalPromptMethod
 from flbench.algorithms.prompting import TextPrompt, context_length_of, init_context
-from flbench.backbones.clip import FrozenCLIP, normalize
+from flbench.backbones.clip import FrozenCLIP
 from flbench.errors import ConfigError
 
 

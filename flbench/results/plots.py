@@ -89,11 +89,11 @@ def plot_clients(records: Sequence[Mapping[str, Any]], rows: Sequence[str], path
                  "skipping the per-client plot")
         return None
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(groups)), 4), dpi=120)
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(groups)), 4), dpi=120)
     ax.boxplot(list(groups.values()), showmeans=True)
     ax.set_xticks(range(1, len(groups) + 1), [f"{label}\n{metric}" for metric, label in groups], fontsize=7)
     ax.set_ylabel("accuracy per client (%)")
-    ax.set_title("per-client accuracy at the last round (all seeds)")
+    ax.set_title("per-client accuracy, last round (seeds pooled)")
     ax.grid(alpha=0.3, axis="y")
     return _save(fig, plt, path)
 

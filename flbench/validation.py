@@ -45,7 +45,8 @@ def _at_most(cfg: Mapping[str, Any], path: str, high: float, inclusive: bool = T
 # (path, low, low inclusive, integer, high, high inclusive): the FL layer's keys (protocols, partitions, scenarios).
 # Keys a config does not have are skipped, so each applies only where its protocol/partition/scenario uses it.
 FL_RANGES = (
-    ("protocol.min_clients", 1, True, True, None, True), ("protocol.mu", 0, True, False, None, True),
+    ("protocol.fraction", 0, False, False, 1, True), ("protocol.min_clients", 1, True, True, None, True),
+    ("protocol.mu", 0, True, False, None, True),
     ("protocol.eta", 0, False, False, None, True), ("protocol.eta_l", 0, False, False, None, True),
     ("protocol.tau", 0, False, False, None, True), ("protocol.beta_1", 0, True, False, 1, False),
     ("protocol.beta_2", 0, True, False, 1, False), ("protocol.server_lr", 0, False, False, None, True),

@@ -104,6 +104,7 @@ def test_validation_names_the_scenario_keys():
              (["scenario=base2novel", "algorithm.class_specific=true"], "algorithm.class_specific"),
              (["protocol=scaffold", "protocol.control_update=sometimes"], "protocol.control_update"),
              (["protocol.failure_prob=1.0"], "protocol.failure_prob"),
+             (["protocol.fraction=1.5"], "protocol.fraction"),
              (["partition=pathological", "partition.classes_per_client=0"], "partition.classes_per_client")]
     for overrides, key in cases:
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

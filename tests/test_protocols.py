@@ -49,7 +49,7 @@ class LeastSquares(PromptMethod):
     """A 'method' whose shared state is one vector w; its cached features are rows [x, t]; loss ½·mean (x·w − t)²."""
 
     def __init__(self, dim: int) -> None:
-        super().__init__(None, ["y"], [])
+        super().__init__(SimpleNamespace(device=torch.device("cpu")), ["y"], [])  # no CLIP: only its device
         self.w = nn.Parameter(torch.zeros(dim))
 
     def loss(self, encoded: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -72,7 +72,7 @@ def _multirun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_four_job_sweep_writes_four_records_in_one_group_and_rerun_skips_them(tmp_path):
+def test_four_job_sweep_writes_four_records_and_four_wandb_runs_and_rerun_skips_them(tmp_path):
     results = tmp_path / "results"
     args = ["experiment=synthetic_global", *SMALL, "logger.mode=offline", f"results_dir={results}",
             "algorithm=coop,zeroshot", "dataset.family=shapes", "seed=0,1"]

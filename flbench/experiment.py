@@ -23,7 +23,8 @@ from flbench.backbones.weights import backbone_image_size
 from flbench.datasets import load_dataset
 from flbench.datasets.base import DatasetBundle, ImageSet
 from flbench.datasets.partition import partition
-from flbench.engine import encode_all, evaluate_accuracy, predict, train_local
+from flbench.engine import (AugmentedViews, check_precision, encode_all, encode_views, evaluate_accuracy, predict,
+                            resolve_device, train_local)
 from flbench.errors import ConfigError
 from flbench.fl.protocols import Protocol, get_protocol
 from flbench.scenarios import EvalSplit, ScenarioData, build_scenario, personal_split, summarise_clients
@@ -59,8 +60,12 @@ class Experiment:
             part["name"], self.scenario.train.labels, self.scenario.train.domains, int(cfg["num_clients"]),
             int(cfg["shots"]), self.seed, {k: v for k, v in part.items() if k != "name"})
         self._layout_nodes(get_protocol(cfg["protocol"]["name"]))
-        self.backbone: FrozenCLIP = load_backbone(cfg["backbone"])
-        self._encoded: dict[str, Encoded] = {}
+        # One backbone per process, moved to the device once; every method (hence every client) runs there.
+        self.device = resolve_device(cfg.get("device", "auto"))
+        self.precision = str(cfg.get("precision", "fp32"))
+        check_precision(self.precision, self.device)
+        self.backbone: FrozenCLIP = load_backbone(cfg["backbone"]).to(self.device)
+        self._encoded: dict[str, Encoded | AugmentedViews] = {}
         self._personal: dict[int, tuple[EvalSplit, EvalSplit]] = {}
 
     # --- methods -----------------------------------------------------------------------------------------
@@ -69,7 +74,9 @@ class Experiment:
         name = name or algo.pop("name")
         algo.pop("name", None)
         torch.manual_seed(derive_seed(self.seed, 0))
-        return build_method(name, self.backbone, self.scenario.train_classnames, self.bundle.templates, algo)
+        method = build_method(name, self.backbone, self.scenario.train_classnames, self.bundle.templates, algo)
+        method.precision = self.precision
+        return method.to(self.device)  # parameters are created on the CPU (seeded generators), then moved
 
     @cached_property
     def method(self) -> PromptMethod:
@@ -123,22 +130,41 @@ class Experiment:
         """Data client `client`'s shard (== client_images(client) unless clients are held out or pooled)."""
         return self.scenario.train.subset(self.shards[client])
 
+    @property
+    def cache_views(self) -> int:
+        """Augmented views cached per training image when `train.augment` is on (0: no cache while augmenting)."""
+        return int(self.cfg.get("cache_views", 0) or 0) if self.cfg["train"].get("augment", False) else 0
+
     def use_cache(self, train: bool) -> bool:
+        """Whether frozen image features can stand in for the images: the method's image side must not depend on
+        trained parameters (VPT, MaPLe, PromptSRC bypass), and augmented training needs `cache_views` > 0."""
         augment = train and bool(self.cfg["train"].get("augment", False))
-        return self.method.frozen_image_side and bool(self.cfg.get("cache_features", True)) and not augment
+        return (self.method.frozen_image_side and bool(self.cfg.get("cache_features", True))
+                and (not augment or self.cache_views > 0))
 
     def encoded(self, key: str, images: ImageSet) -> Encoded | None:
-        """Frozen image features of `images`, computed on first use and kept for the life of the process."""
+        """Frozen image features of `images`, computed on first use and kept (on the device) for the life of the
+        process."""
         if key not in self._encoded:
             self._encoded[key] = encode_all(self.method, images, int(self.cfg["eval"]["batch_size"]))
         return self._encoded[key]
 
-    def client_cache(self, partition_id: int) -> Encoded | None:
-        return self.encoded(f"client/{partition_id}", self.client_images(partition_id)) if self.use_cache(True) \
-            else None
+    def _training_cache(self, key: str, images: ImageSet, seed_part: int) -> Encoded | AugmentedViews | None:
+        if not self.use_cache(True):
+            return None
+        if not self.cache_views:
+            return self.encoded(key, images)
+        key = f"{key}/views"
+        if key not in self._encoded:  # the same views in every process and round: seeded by (seed, client)
+            self._encoded[key] = encode_views(self.method, images, int(self.cfg["eval"]["batch_size"]),
+                                              self.cache_views, derive_seed(self.seed, 10, seed_part))
+        return self._encoded[key]
 
-    def shard_cache(self, client: int) -> Encoded | None:
-        return self.encoded(f"shard/{client}", self.shard_images(client)) if self.use_cache(True) else None
+    def client_cache(self, partition_id: int) -> Encoded | AugmentedViews | None:
+        return self._training_cache(f"client/{partition_id}", self.client_images(partition_id), partition_id)
+
+    def shard_cache(self, client: int) -> Encoded | AugmentedViews | None:
+        return self._training_cache(f"shard/{client}", self.shard_images(client), 1_000_000 + client)
 
     def personal_splits(self, client: int) -> tuple[EvalSplit, EvalSplit]:
         """Client `client`'s personal (val, test) splits: drawn from the scenario's pools to match its shard's
@@ -178,7 +204,7 @@ class Experiment:
         for which, pool in enumerate(self.scenario.personal_pools or ()):
             if getattr(images, "parent", None) is pool:  # a personal split: rows of its pool, encoded once for all
                 pooled = self.encoded(f"pool/{which}", pool)
-                idx = torch.as_tensor(images.indices)
+                idx = torch.as_tensor(images.indices, device=self.device)
                 return tuple(e[idx] for e in pooled) if isinstance(pooled, tuple) else pooled[idx]
         return self.encoded(key, images)
 

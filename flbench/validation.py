@@ -90,6 +90,26 @@ def _fl_checks(cfg: Mapping[str, Any]) -> None:
         raise ConfigError("scenario.targets is empty; list target datasets, e.g. scenario.targets=[{family: patterns}]")
 
 
+def _execution_checks(cfg: Mapping[str, Any]) -> None:
+    """device / precision / cache_views: a GPU that is not there, a precision the device or method cannot run."""
+    from flbench.engine import check_precision, resolve_device
+
+    _number(cfg, "cache_views", 0, True, True)
+    precision = str(cfg.get("precision", "fp32"))
+    check_precision(precision, resolve_device(cfg.get("device", "auto")))
+    backend = cfg.get("backend") or {}
+    if backend.get("name") == "ray" and float(backend.get("client_gpus") or 0) > 0 and not backend.get("address"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"backend.client_gpus={backend['client_gpus']} but this machine has no CUDA GPU; "
+                              "set backend.client_gpus=0")
+    name = cfg["algorithm"].get("name")
+    if precision == "fp16" and not method_class(name).loss_scaling:
+        raise ConfigError(f"precision=fp16 needs loss scaling, which algorithm.name={name} (own gradient computation) "
+                          "does not support; use precision=bf16")
+
+
 def _named(cfg: Mapping[str, Any], group: str, known: Mapping[str, Any] | list[str]) -> None:
     name = (cfg.get(group) or {}).get("name")
     if name not in known:
@@ -114,6 +134,7 @@ def validate(cfg: Mapping[str, Any]) -> None:
     _named(cfg, "backend", ["inprocess", "ray"])
     method_class(cfg["algorithm"].get("name"))
     _fl_checks(cfg)
+    _execution_checks(cfg)
     position = cfg["algorithm"].get("class_token_position", "end")
     if position not in ("end", "middle", "front"):
         raise ConfigError(f"algorithm.class_token_position={position!r} is unknown; choose end, middle or front")

@@ -34,6 +34,12 @@ class PromptMethod(nn.Module):
     # For docs/methods.md (`python -m flbench.methods_doc`): the paper, and the loss terms beyond cross-entropy.
     paper: ClassVar[str] = ""
     extra_loss: ClassVar[str] = ""
+    # True when backward() multiplies the loss by `loss_scale` (fp16 training's loss scaling, flbench.engine).
+    # Methods that compute their own gradients (ProGrad's projection, DP-FPL's clipping) set False: fp16 is refused.
+    loss_scaling: ClassVar[bool] = True
+    # Autocast precision of forward passes (fp32 | bf16 | fp16), set by the experiment from the `precision` key.
+    precision: str = "fp32"
+    loss_scale: torch.Tensor | None = None  # fp16 only: the GradScaler's current scale, set by flbench.engine
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -61,6 +67,12 @@ class PromptMethod(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.logits(self.encode(images))
 
+    @property
+    def device(self) -> torch.device:
+        """The backbone's device: a method's parameters and buffers live where its backbone does (the CPU for a
+        method without one, such as a test's toy model)."""
+        return getattr(self.backbone, "device", None) or torch.device("cpu")
+
     def loss(self, encoded: Encoded, labels: torch.Tensor) -> torch.Tensor:
         """Training loss: cross-entropy plus the method's own terms."""
         return F.cross_entropy(self.logits(encoded), labels)
@@ -68,7 +80,7 @@ class PromptMethod(nn.Module):
     def backward(self, encoded: Encoded, labels: torch.Tensor) -> torch.Tensor:
         """Compute the loss and leave gradients in `.grad`. Methods that edit gradients (ProGrad) override this."""
         loss = self.loss(encoded, labels)
-        loss.backward()
+        backward_outside_autocast(loss if self.loss_scale is None else loss * self.loss_scale)
         return loss.detach()
 
     # --- what travels --------------------------------------------------------------------------------------
@@ -77,13 +89,14 @@ class PromptMethod(nn.Module):
         return [n for n, p in self.named_parameters() if p.requires_grad]
 
     def shared_state(self) -> dict[str, torch.Tensor]:
+        """Copies on the CPU, whatever the device: they go into Flower records (and the server's history)."""
         state = self.state_dict()
-        return {k: state[k].detach().clone() for k in self.shared_keys()}
+        return {k: state[k].detach().to("cpu", copy=True) for k in self.shared_keys()}
 
     def local_state(self) -> dict[str, torch.Tensor]:
-        """Everything else the client must keep between rounds (personal prompts, method buffers)."""
+        """Everything else the client must keep between rounds (personal prompts, method buffers), on the CPU."""
         shared = set(self.shared_keys())
-        return {k: v.detach().clone() for k, v in self.state_dict().items() if k not in shared}
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.state_dict().items() if k not in shared}
 
     def load_partial(self, state: Mapping[str, torch.Tensor]) -> None:
         own = self.state_dict()
@@ -119,6 +132,16 @@ class PromptMethod(nn.Module):
 
     def shared_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.shared_state().values())
+
+
+def backward_outside_autocast(loss: torch.Tensor) -> None:
+    """`loss.backward()`, with autocast switched off as PyTorch recommends (the backward ops still run in the
+    dtypes autocast chose for their forward ops)."""
+    if torch.is_autocast_enabled(loss.device.type):
+        with torch.autocast(loss.device.type, enabled=False):
+            loss.backward()
+    else:
+        loss.backward()
 
 
 def cosine_logits(backbone: FrozenCLIP, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:

@@ -95,6 +95,7 @@ class DPFPL(PersonalPromptMethod):
     name = "dpfpl"
     paper = "DP-FPL (Tran et al., ICLR 2025)"
     extra_loss = "none; per-example clipping + Gaussian noise on global and low-rank local gradients (DP-SGD)"
+    loss_scaling = False  # gradients come from its own autograd calls: no fp16 loss scaling
     global_keys = ("global_ctx",)
 
     def __init__(self, backbone: FrozenCLIP, classnames: Sequence[str], templates: Sequence[str] = ("a photo of a {}.",),

@@ -40,6 +40,7 @@ class ProGrad(CoOp):
     name = "prograd"
     paper = "ProGrad (Zhu et al., ICCV 2023)"
     extra_loss = "none added: CE gradient projected off KL(p_zs‖p) gradient when they conflict (λ = 1)"
+    loss_scaling = False  # gradients come from its own autograd calls: no fp16 loss scaling
 
     def __init__(self, backbone: FrozenCLIP, classnames: Sequence[str], templates: Sequence[str] = ("a photo of a {}.",),
                  lam: float = 1.0, temperature: float = 1.0, **hparams: Any) -> None:

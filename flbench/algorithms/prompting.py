@@ -17,9 +17,24 @@ CLASS_POSITIONS = ("end", "middle", "front")
 def handcrafted_text_features(backbone: FrozenCLIP, classnames: Sequence[str],
                               templates: Sequence[str]) -> torch.Tensor:
     """Zero-shot class features [C, D]: per-template normalised features averaged, then renormalised (CLIP's
-    prompt ensembling; one template gives exactly that template's features)."""
-    per_template = [normalize(backbone.encode_text([t.format(c) for c in classnames])) for t in templates]
-    return normalize(torch.stack(per_template).mean(0))
+    prompt ensembling; one template gives exactly that template's features).
+
+    Computed once per backbone, class-name list and template list, then shared (read-only) by every method
+    instance and every `set_classnames` of the process: zero-shot, KgCoOp, ProGrad, FedPGP, FedTPG, VPT and
+    PromptSRC targets no longer re-encode on each class switch (base→novel evaluation switches every round). The
+    entry is recomputed when the text tower changes (`FrozenCLIP.text_signature`: trained routers, calibration);
+    always in fp32, whatever autocast is active, since these are fixed targets.
+    """
+    cache: dict = backbone.__dict__.setdefault("_handcrafted_text", {})
+    key, signature = (tuple(classnames), tuple(templates)), backbone.text_signature()
+    hit = cache.get(key)
+    if hit is not None and hit[0] == signature:
+        return hit[1]
+    with torch.autocast(backbone.device.type, enabled=False):
+        per_template = [normalize(backbone.encode_text([t.format(c) for c in classnames])) for t in templates]
+        features = normalize(torch.stack(per_template).mean(0))
+    cache[key] = (signature, features)
+    return features
 
 
 def init_context(backbone: FrozenCLIP, n_ctx: int, ctx_init: str | None, generator: torch.Generator | None = None,

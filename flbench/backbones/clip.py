@@ -79,6 +79,25 @@ class FrozenCLIP(nn.Module):
     def logit_scale(self) -> torch.Tensor:
         return self.model.logit_scale.exp()
 
+    @property
+    def device(self) -> torch.device:
+        """Where the backbone lives (`Experiment` moves it there once per process; methods follow it)."""
+        return self.mean.device
+
+    def text_signature(self) -> tuple:
+        """Changes whenever the text tower's output could: a weight modified in place (trained or calibrated routers
+        bump the tensor's version counter) or moved, attention swapped, dense-teacher mode switched. Frozen text
+        features cached under one signature (`prompting.handcrafted_text_features`) are valid while it holds."""
+        m = self.model
+        tensors = [*m.transformer.parameters(), *m.token_embedding.parameters(), *m.ln_final.parameters(),
+                   m.positional_embedding]
+        if isinstance(m.text_projection, torch.Tensor):
+            tensors.append(m.text_projection)
+        else:
+            tensors += list(m.text_projection.parameters())
+        modes = tuple(getattr(module, "use_dense", None) for module in m.transformer.modules())
+        return tuple((t.data_ptr(), t._version) for t in tensors) + modes
+
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         return self.tokenizer(texts).to(self.model.token_embedding.weight.device)
 

@@ -97,11 +97,16 @@ def run_ray(server_app: ServerApp, client_app: ClientApp, num_clients: int, cfg:
     init_args: dict[str, Any] = {"num_cpus": int(cfg.get("num_cpus") or os.cpu_count() or 1),
                                  "include_dashboard": False, "_temp_dir": cfg.get("temp_dir") or
                                  tempfile.mkdtemp(prefix="flbench-ray-")}
+    client_gpus = float(cfg.get("client_gpus") or 0)
+    if client_gpus > 0:  # Ray then sets CUDA_VISIBLE_DEVICES in each worker to the GPU its clients were given
+        import torch
+
+        init_args["num_gpus"] = torch.cuda.device_count()  # explicit: a GPU Ray failed to detect would hang the run
     if cfg.get("address"):
         init_args = {"address": cfg["address"]}
     backend_config = {
         "init_args": init_args,
-        "client_resources": {"num_cpus": float(cfg.get("client_cpus", 1)), "num_gpus": float(cfg.get("client_gpus", 0))},
+        "client_resources": {"num_cpus": float(cfg.get("client_cpus", 1)), "num_gpus": client_gpus},
     }
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_clients,

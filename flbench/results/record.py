@@ -22,13 +22,18 @@ from flbench.io import atomic_write_json
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-# Keys that change where or how a run is executed or logged, but never its numbers.
-NON_RESULT_KEYS = ("results_dir", "force", "logger", "backend", "verbose", "cache_dir", "eval", "checkpoint")
+# Keys that change where or how a run is executed or logged, but never its numbers (the device changes the last
+# bits of floating-point sums, not what a run measures; the record's environment names the GPU).
+NON_RESULT_KEYS = ("results_dir", "force", "logger", "backend", "verbose", "cache_dir", "eval", "checkpoint", "device")
+# Keys added after records existed, at the values that reproduce those records: left out of the hash there, so
+# older records keep their hashes (and are still found, skipped and resumed).
+LATER_DEFAULTS = {"precision": "fp32", "cache_views": 0}
 
 
 def result_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The part of a resolved config that determines the results (what the record hash covers)."""
-    return {k: v for k, v in cfg.items() if k not in NON_RESULT_KEYS}
+    return {k: v for k, v in cfg.items()
+            if k not in NON_RESULT_KEYS and not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])}
 
 
 def record_path(results_dir: str | Path, config_hash: str) -> Path:

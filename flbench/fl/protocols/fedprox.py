@@ -19,7 +19,7 @@ class ProximalClient(ClientSide):
         mu = float(rnd.config.get("proximal-mu", 0.0))
         if mu == 0.0:
             return ()
-        anchors = {k: v.detach().clone() for k, v in rnd.global_state.items()}
+        anchors = {k: v.detach().to(rnd.method.device, copy=True) for k, v in rnd.global_state.items()}
 
         def proximal(method: PromptMethod) -> None:
             for name, param in method.named_parameters():

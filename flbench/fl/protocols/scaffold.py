@@ -94,7 +94,7 @@ class ScaffoldClient(ClientSide):
         if rnd.config.get("scaffold-update", "gradient") == "gradient":
             gradient = mean_gradient(rnd.method, rnd.images, int(rnd.train_cfg["batch_size"]), rnd.cached)
             rnd.scratch["next_c"] = {k: gradient[k].detach().clone() for k in server_c}
-        correction = {k: server_c[k] - client_c[k] for k in server_c}
+        correction = {k: (server_c[k] - client_c[k]).to(rnd.method.device) for k in server_c}
 
         def corrected(method: PromptMethod) -> None:
             for name, param in method.named_parameters():
@@ -107,7 +107,7 @@ class ScaffoldClient(ClientSide):
         server_c, client_c = rnd.scratch["server_c"], rnd.scratch["client_c"]
         next_c = rnd.scratch.get("next_c")
         if next_c is None:  # option II: the average corrected step, recovered from the distance travelled
-            y = rnd.method.shared_state()
+            y = {k: v.cpu() for k, v in rnd.method.shared_state().items()}  # client state lives on the CPU
             scale = 1.0 / (max(result.steps, 1) * float(rnd.train_cfg["lr"]))
             next_c = {k: client_c[k] - server_c[k] + (rnd.global_state[k] - y[k]) * scale for k in server_c}
         rnd.state[CLIENT_C] = ArrayRecord({k: v.contiguous() for k, v in next_c.items()})

@@ -255,6 +255,14 @@ def _target_config(source_cfg: Mapping[str, Any], target: Mapping[str, Any], ima
     return merged
 
 
+def evaluated_test(bundle: DatasetBundle) -> EvalSplit:
+    """A bundle's test split under the classes it covers: all of them, or `test_classes` (ImageNet-A/-R cover 200
+    of ImageNet's 1000, and their logits must be restricted to those)."""
+    if bundle.test_classes:
+        return class_subset(bundle.test, bundle.classnames, list(bundle.test_classes))
+    return whole(bundle.test, bundle.classnames)
+
+
 @register("xdataset")
 def xdataset(bundle: DatasetBundle, targets: Sequence[Mapping[str, Any]] = (), dataset_cfg: Mapping[str, Any] | None = None,
              **_: Any) -> ScenarioData:
@@ -273,7 +281,7 @@ def xdataset(bundle: DatasetBundle, targets: Sequence[Mapping[str, Any]] = (), d
         key = f"target/{other.name}"
         if key in test or other.name == bundle.name:
             raise ConfigError(f"scenario.targets names {other.name!r} twice or as the source; give distinct datasets")
-        test[key] = whole(other.test, other.classnames)
+        test[key] = evaluated_test(other)
     return ScenarioData(
         "xdataset", bundle.train, bundle.classnames, val={"source": whole(bundle.val, bundle.classnames)}, test=test,
         selection="val/source",

@@ -8,7 +8,7 @@ import pytest
 from fake_roots import make_imagenet_root, make_variant_root, wnids
 from flbench.datasets import load_dataset
 from flbench.errors import ConfigError
-from flbench.scenarios import class_subset
+from flbench.scenarios import evaluated_test
 
 
 @pytest.fixture
@@ -60,7 +60,7 @@ def test_subset_variants_score_only_their_classes(tmp_path, cache, variant):
     # labels and class names stay in ImageNet's label space; the subset says which logits exist
     assert len(bundle.classnames) == 6 and bundle.test_classes == [1, 4, 5]
     assert sorted(set(bundle.test.labels.tolist())) == [1, 4, 5]
-    split = class_subset(bundle.test, bundle.classnames, bundle.test_classes)
+    split = evaluated_test(bundle)  # what the cross-dataset scenario evaluates
     assert split.classnames == ["imagenet class 1", "imagenet class 4", "imagenet class 5"]
     assert split.labels.tolist() == [[1, 4, 5].index(y) for y in bundle.test.labels]
     assert [p.split("/")[-2] for p in bundle.test.paths] == [wnids(6)[y] for y in bundle.test.labels]

@@ -116,6 +116,7 @@ def run(cfg: Mapping[str, Any], federate: Callable[[ServerApp, ClientApp], None]
         "started_at": started.isoformat(), "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
         "selection": scenario.selection, "history": round_log.rounds,
         "metrics": summarise(round_log.rounds, [f"test/{m}" for m in scenario.reported], scenario.selection),
+        "backbone": {"name": experiment.backbone.name, "weights_sha1": experiment.backbone.fingerprint()},
         "zeroshot": zeroshot, "costs": _costs(experiment, round_log, time.perf_counter() - t0),
         "partition": _partition_stats(experiment),
         "participation": _participation(round_log), "method": _method_metrics(experiment, round_log),

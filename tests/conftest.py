@@ -31,3 +31,14 @@ def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(home / "wandb-config"))
     monkeypatch.setenv("WANDB_CACHE_DIR", str(home / "wandb-cache"))
     monkeypatch.setenv("WANDB_DATA_DIR", str(home / "wandb-data"))
+
+
+@pytest.fixture
+def one_thread():
+    """For tests on tiny tensors (modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`): a second
+    OpenMP thread buys nothing there, and on a busy machine (CI runners, shared boxes) two spinning threads per
+    process made the method-zoo tests 5-9x slower in CPU time (measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

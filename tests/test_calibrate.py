@@ -15,12 +15,7 @@ SMALL = dict(steps=12, batch_size=16, lr=0.01, images=128, seed=0)
 TINY = {"name": "tiny", "pretrain": {"steps": 40, "batch_size": 64, "corpus": 2048, "warmup": 5}}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_calibration_moves_routed_model_toward_dense_in_both_towers():

@@ -39,6 +39,7 @@ def test_record_has_config_seed_rounds_and_named_metrics(inprocess_record):
     stored = load_record(results / "records" / f"{record['config_hash']}.json")
     assert stored is not None and stored["complete"] is True
     assert stored["config"]["algorithm"]["name"] == "coop" and stored["seed"] == 0
+    assert stored["backbone"]["name"] == "tiny" and len(stored["backbone"]["weights_sha1"]) == 12
     assert [row["round"] for row in stored["history"]] == [0, 1, 2]
     assert set(stored["metrics"]) == {"global", "domain/photo", "domain/noisy"}
     best_round = stored["metrics"]["global"]["best_val_round"]

@@ -24,14 +24,7 @@ NOVEL = ["cyan ring", "white heart", "black cross"]
 TEMPLATE = ["a photo of a {}."]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: a second thread buys nothing, and on a busy machine (CI runners, shared boxes) two
-    spinning OpenMP threads per process made these tests 5-9x slower in CPU time (measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -21,14 +21,7 @@ FAST = ["dataset.family=patterns", "dataset.domains=[photo]", "dataset.train_per
 CHEAP = {"proda": ["algorithm.n_prompts=4"]}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: a second thread buys nothing, and on a busy machine (CI runners, shared boxes) two
-    spinning OpenMP threads per process made these tests 5-9x slower in CPU time (measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("name", ["cocoop", "kgcoop", "prograd", "proda", "fedtpg", "promptfolio", "fedpgp"])
@@ -100,9 +93,9 @@ def test_zeroshot_ensemble_uses_the_datasets_templates(tmp_path):
     templates = experiment.bundle.templates
     assert templates == ["a photo of a {}.", "a sketch of a {}."] and method.templates == templates
     names = experiment.scenario.train_classnames
-    assert torch.allclose(method.text_features, handcrafted_text_features(experiment.backbone, names, templates))
+    assert torch.allclose(method.handcrafted, handcrafted_text_features(experiment.backbone, names, templates))
     single = handcrafted_text_features(experiment.backbone, names, templates[:1])
-    assert not torch.allclose(method.text_features, single)
+    assert not torch.allclose(method.handcrafted, single)
     record = run(cfg)
     assert len(record["history"]) == 1 and record["costs"]["trainable_params"] == 0  # nothing to train
 

@@ -20,14 +20,7 @@ TEMPLATE = ["a photo of a {}."]
 LABELS = torch.tensor([0, 1, 2, 0])
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: a second OpenMP thread buys nothing and, on a busy machine, makes these tests several times
-    slower (the text-side zoo tests measured 5-9x)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -216,7 +209,7 @@ def test_vpt_prompts_are_the_only_trained_part_and_the_text_side_is_zero_shot(vi
     patch = math.prod(vit.model.visual.patch_size)
     bound = math.sqrt(6 / (3 * patch + width))  # VPT's init: uniform in ±sqrt(6 / (3·patch² + width))
     assert vpt.prompts.abs().max() <= bound and vpt.prompts.abs().max() > 0.8 * bound
-    assert torch.allclose(vpt.text_features, handcrafted_text_features(vit, CLASSES, TEMPLATE))
+    assert torch.allclose(vpt.handcrafted, handcrafted_text_features(vit, CLASSES, TEMPLATE))
     assert not torch.allclose(vpt.encode(images), vit.encode_image(images), atol=1e-4)
     _backward(vpt, images)
     assert _trainable(vpt) == {"prompts"} and vpt.prompts.grad.abs().sum(dim=(1, 2)).min() > 0  # every layer
@@ -254,17 +247,17 @@ def test_maple_learns_the_first_words_and_keeps_the_rest(vit):
 def test_promptsrc_self_regulation_terms(vit, images):
     templates = ["a photo of a {}.", "a sketch of a {}."]
     src = build_method("promptsrc", vit, CLASSES, templates, {"depth_text": 1})
-    assert torch.allclose(src.frozen_text, handcrafted_text_features(vit, CLASSES, templates)), "template ensemble"
+    assert torch.allclose(src.handcrafted, handcrafted_text_features(vit, CLASSES, templates)), "template ensemble"
     src.train()
     features, frozen = src.encode(images)
     assert torch.allclose(frozen, vit.encode_image(images)) and not frozen.requires_grad
     text = src.text.encode()
     logits = vit.logit_scale * normalize(features) @ normalize(text).t()
-    zero_shot = vit.logit_scale * normalize(frozen) @ src.frozen_text.t()
+    zero_shot = vit.logit_scale * normalize(frozen) @ src.handcrafted.t()
     p, q = zero_shot.softmax(-1), logits.softmax(-1)
     kl = (p * (p.log() - q.log())).sum() / logits.numel()
     expected = (torch.nn.functional.cross_entropy(logits, LABELS)
-                + 25 * (normalize(text) - src.frozen_text).abs().mean()
+                + 25 * (normalize(text) - src.handcrafted).abs().mean()
                 + 10 * (normalize(features) - normalize(frozen)).abs().mean() + kl)
     assert torch.allclose(src.loss((features, frozen), LABELS), expected, atol=1e-5)
     src.eval()
@@ -273,7 +266,7 @@ def test_promptsrc_self_regulation_terms(vit, images):
 
 def test_promptsrc_text_regulariser_is_zero_at_init_from_the_template(vit):
     src = build_method("promptsrc", vit, CLASSES, TEMPLATE, {"depth_text": 1})
-    assert torch.allclose(normalize(src.text.encode()), src.frozen_text, atol=1e-5)
+    assert torch.allclose(normalize(src.text.encode()), src.handcrafted, atol=1e-5)
 
 
 def test_promptsrc_reports_the_gaussian_average_of_the_rounds(vit):

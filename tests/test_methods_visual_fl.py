@@ -19,14 +19,7 @@ FAST = ["backbone=tiny-vit", "dataset.family=patterns", "dataset.domains=[photo]
         "dataset.val_per_class=1", "dataset.test_per_class=1", "shots=1", "num_clients=2", "num_rounds=2"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: a second OpenMP thread buys nothing and, on a busy machine, makes these tests several times
-    slower (the text-side zoo tests measured 5-9x)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(algorithm, tmp_path, extra=()):

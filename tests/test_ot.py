@@ -6,14 +6,7 @@ import torch
 from flbench.algorithms.ot import ot_similarity, transport_plan
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: a second OpenMP thread buys nothing and, on a busy machine, makes these tests several times
-    slower (the text-side zoo tests measured 5-9x)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _problem(seed=0, batch=3, m=7, n=4):

@@ -17,13 +17,7 @@ from helpers import random_tiny
 CLASSES = ["red circle", "blue square", "green star"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These are many tiny ops: a second intra-op thread only adds synchronisation (4x slower on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _layer(heads: int = 4, width: int = 64, seed: int = 0, **kwargs) -> RoutedKVAttention:

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flbench.algorithms.prompting import handcrafted_text_features
 from flbench.backbones.clip import FrozenCLIP, normalize
 from flbench.errors import ConfigError
 
@@ -119,6 +120,13 @@ class PromptMethod(nn.Module):
     def set_classnames(self, classnames: Sequence[str]) -> None:
         """Switch to other class names (base→novel, cross-dataset). Methods with per-class parameters refuse."""
         self.classnames = list(classnames)
+
+    def keep_handcrafted(self, templates: Sequence[str]) -> None:
+        """(Re)set the buffer `handcrafted` [C, D]: zero-shot text features of the current class names under
+        `templates` (a fixed target or classifier: zero-shot, VPT, KgCoOp, ProGrad, FedPGP, PromptSRC). Call it from
+        `set_classnames`; the features are encoded once per process and class list, and are no part of the state."""
+        self.register_buffer("handcrafted", handcrafted_text_features(self.backbone, self.classnames, templates),
+                             persistent=False)
 
     def extra_metrics(self, training: Mapping[str, Any]) -> dict[str, Any]:
         """Method-specific figures for the run record's `method` section (e.g. DP-FPL's privacy budget).

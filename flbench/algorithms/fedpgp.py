@@ -26,7 +26,7 @@ from torch import nn
 
 from flbench.algorithms.base import cosine_logits
 from flbench.algorithms.personal import PersonalPromptMethod
-from flbench.algorithms.prompting import TextPrompt, context_length_of, handcrafted_text_features, init_context
+from flbench.algorithms.prompting import TextPrompt, context_length_of, init_context
 from flbench.backbones.clip import FrozenCLIP, normalize
 from flbench.errors import ConfigError
 
@@ -52,11 +52,7 @@ class FedPGP(PersonalPromptMethod):
         self.mu, self.temperature = float(mu), float(temperature)
         self.prompt = TextPrompt(backbone, classnames, n_ctx, class_token_position)
         self._init_personal()
-        self._set_handcrafted(classnames)
-
-    def _set_handcrafted(self, classnames: Sequence[str]) -> None:
-        self.register_buffer("handcrafted", handcrafted_text_features(self.backbone, classnames, self.templates[:1]),
-                             persistent=False)
+        self.keep_handcrafted(self.templates[:1])
 
     def personal_context(self) -> torch.Tensor:
         return self.sigma + self.U @ self.V
@@ -82,4 +78,4 @@ class FedPGP(PersonalPromptMethod):
     def set_classnames(self, classnames: Sequence[str]) -> None:
         super().set_classnames(classnames)
         self.prompt.set_classnames(classnames)
-        self._set_handcrafted(classnames)
+        self.keep_handcrafted(self.templates[:1])

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 
 from flbench.algorithms.base import cosine_logits
 from flbench.algorithms.coop import CoOp
-from flbench.algorithms.prompting import handcrafted_text_features
 from flbench.backbones.clip import FrozenCLIP, normalize
 
 
@@ -32,15 +31,11 @@ class KgCoOp(CoOp):
                  lam: float = 8.0, **hparams: Any) -> None:
         super().__init__(backbone, classnames, templates, **hparams)
         self.lam = float(lam)
-        self._set_handcrafted(classnames)
-
-    def _set_handcrafted(self, classnames: Sequence[str]) -> None:
-        self.register_buffer("handcrafted", handcrafted_text_features(self.backbone, classnames, self.templates[:1]),
-                             persistent=False)
+        self.keep_handcrafted(self.templates[:1])
 
     def set_classnames(self, classnames: Sequence[str]) -> None:
         super().set_classnames(classnames)
-        self._set_handcrafted(classnames)
+        self.keep_handcrafted(self.templates[:1])
 
     def knowledge_term(self, text_features: torch.Tensor) -> torch.Tensor:
         """Mean squared distance between normalised learned and hand-crafted class embeddings."""

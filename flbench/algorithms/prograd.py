@@ -23,7 +23,6 @@ import torch.nn.functional as F
 
 from flbench.algorithms.base import cosine_logits
 from flbench.algorithms.coop import CoOp
-from flbench.algorithms.prompting import handcrafted_text_features
 from flbench.backbones.clip import FrozenCLIP
 
 
@@ -46,15 +45,11 @@ class ProGrad(CoOp):
                  lam: float = 1.0, temperature: float = 1.0, **hparams: Any) -> None:
         super().__init__(backbone, classnames, templates, **hparams)
         self.lam, self.temperature = float(lam), float(temperature)
-        self._set_handcrafted(classnames)
-
-    def _set_handcrafted(self, classnames: Sequence[str]) -> None:
-        self.register_buffer("handcrafted", handcrafted_text_features(self.backbone, classnames, self.templates[:1]),
-                             persistent=False)
+        self.keep_handcrafted(self.templates[:1])
 
     def set_classnames(self, classnames: Sequence[str]) -> None:
         super().set_classnames(classnames)
-        self._set_handcrafted(classnames)
+        self.keep_handcrafted(self.templates[:1])
 
     def kl_to_zeroshot(self, encoded: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """KL(p_zs ‖ p_prompt) at temperature T, scaled by T² (the usual distillation scaling)."""

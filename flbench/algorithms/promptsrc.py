@@ -26,7 +26,6 @@ from torch import nn
 
 from flbench.algorithms.base import Encoded, PromptMethod, cosine_logits
 from flbench.algorithms.deep_prompting import DeepTextPrompt, clamp_depth
-from flbench.algorithms.prompting import handcrafted_text_features
 from flbench.backbones import prompted
 from flbench.backbones.clip import FrozenCLIP, normalize
 from flbench.errors import ConfigError
@@ -74,8 +73,7 @@ class PromptSRC(PromptMethod):
         super().set_classnames(classnames)
         self.text.set_classnames(classnames)
         # Frozen targets: the template ensemble (the paper's "textual diversity").
-        self.register_buffer("frozen_text", handcrafted_text_features(self.backbone, classnames, self.templates),
-                             persistent=False)
+        self.keep_handcrafted(self.templates)
 
     # --- forward -----------------------------------------------------------------------------------------------
     def encode(self, images: torch.Tensor) -> Encoded:
@@ -96,9 +94,9 @@ class PromptSRC(PromptMethod):
         features, frozen_features = encoded
         text_features = self.text.encode()
         logits = cosine_logits(self.backbone, features, text_features)
-        zero_shot = cosine_logits(self.backbone, frozen_features, self.frozen_text)
+        zero_shot = cosine_logits(self.backbone, frozen_features, self.handcrafted)
         ce = F.cross_entropy(logits, labels)
-        l1_text = F.l1_loss(normalize(text_features), self.frozen_text)
+        l1_text = F.l1_loss(normalize(text_features), self.handcrafted)
         l1_image = F.l1_loss(normalize(features), normalize(frozen_features))
         kl = F.kl_div(F.log_softmax(logits, dim=-1), F.log_softmax(zero_shot, dim=-1), reduction="sum",
                       log_target=True) / logits.numel()

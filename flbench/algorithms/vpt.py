@@ -18,7 +18,6 @@ from torch import nn
 
 from flbench.algorithms.base import PromptMethod, cosine_logits
 from flbench.algorithms.deep_prompting import vpt_init_range
-from flbench.algorithms.prompting import handcrafted_text_features
 from flbench.backbones import prompted
 from flbench.backbones.clip import FrozenCLIP
 from flbench.errors import ConfigError
@@ -47,12 +46,10 @@ class VPT(PromptMethod):
 
     def set_classnames(self, classnames: Sequence[str]) -> None:
         super().set_classnames(classnames)
-        templates = self.templates if self.ensemble else self.templates[:1]
-        self.register_buffer("text_features", handcrafted_text_features(self.backbone, classnames, templates),
-                             persistent=False)
+        self.keep_handcrafted(self.templates if self.ensemble else self.templates[:1])
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         return prompted.encode_image_prompted(self.backbone, images, list(self.prompts.unbind(0)))
 
     def logits(self, encoded: torch.Tensor) -> torch.Tensor:
-        return cosine_logits(self.backbone, encoded, self.text_features)
+        return cosine_logits(self.backbone, encoded, self.handcrafted)

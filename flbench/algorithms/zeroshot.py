@@ -13,7 +13,6 @@ from typing import Any
 import torch
 
 from flbench.algorithms.base import PromptMethod, cosine_logits
-from flbench.algorithms.prompting import handcrafted_text_features
 from flbench.backbones.clip import FrozenCLIP
 
 
@@ -30,9 +29,7 @@ class ZeroShot(PromptMethod):
 
     def set_classnames(self, classnames: Sequence[str]) -> None:
         super().set_classnames(classnames)
-        templates = self.templates if self.ensemble else self.templates[:1]
-        self.register_buffer("text_features", handcrafted_text_features(self.backbone, classnames, templates),
-                             persistent=False)
+        self.keep_handcrafted(self.templates if self.ensemble else self.templates[:1])
 
     def logits(self, encoded: torch.Tensor) -> torch.Tensor:
-        return cosine_logits(self.backbone, encoded, self.text_features)
+        return cosine_logits(self.backbone, encoded, self.handcrafted)

@@ -54,6 +54,17 @@ class FrozenCLIP(nn.Module):
         self.context_length = int(model.context_length)
         self.tokenizer = open_clip.SimpleTokenizer(context_length=self.context_length)
 
+    def fingerprint(self) -> str:
+        """SHA-1 (12 hex digits) of the weights when first asked (`load_backbone`: as loaded): the record's proof of which backbone it used (two
+        tiny CLIPs built from the same settings on different CPUs may differ in the last bits)."""
+        if "_fingerprint" not in self.__dict__:
+            digest = hashlib.sha1()
+            for name, tensor in sorted(self.model.state_dict().items()):
+                digest.update(name.encode())
+                digest.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            self.__dict__["_fingerprint"] = digest.hexdigest()[:12]
+        return self.__dict__["_fingerprint"]
+
     def train(self, mode: bool = True) -> "FrozenCLIP":
         # The backbone never leaves eval mode (no dropout, no BN updates), whatever its owner does.
         return super().train(False)
@@ -128,13 +139,21 @@ class FrozenCLIP(nn.Module):
         return self.encode_text_embeddings(self.token_embeddings(tokens), tokens.argmax(dim=-1))
 
 
+# Bump when the build changes in a way the rest of the key cannot see, so that stale cached models are rebuilt
+# everywhere. 2: initial weights seeded from the pretraining seed; pretraining on a pinned thread count.
+TINY_BUILD_VERSION = 2
+
+
 def _tiny_key(name: str, pretrain: Mapping[str, Any]) -> str:
-    """Cache key: model config, pretraining settings, and the version of the corpus (renderer and captions)."""
+    """Cache key: model config, pretraining settings, the version of the corpus (renderer and captions) and of the
+    build procedure."""
+    from flbench.backbones.pretrain import PRETRAIN_THREADS
     from flbench.datasets.render import RENDER_VERSION
     from flbench.datasets.synthetic import CAPTIONS
 
     blob = json.dumps({"config": TINY_CONFIGS[name], "pretrain": dict(pretrain), "render": RENDER_VERSION,
-                       "captions": CAPTIONS}, sort_keys=True)
+                       "captions": CAPTIONS, "build": TINY_BUILD_VERSION, "threads": PRETRAIN_THREADS},
+                      sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
@@ -180,6 +199,7 @@ def load_backbone(cfg: Mapping[str, Any]) -> FrozenCLIP:
             backbone = build_tiny(cfg["name"], cfg.get("pretrain"), cfg.get("cache"))
         else:
             backbone = build_open_clip(cfg["arch"], cfg.get("pretrained"), cfg.get("checkpoint"), cfg.get("quick_gelu"))
+        backbone.fingerprint()  # of the weights as loaded, before routers are added or trained
         if cfg.get("attention"):  # dense | gqa | routed_kv, swapped in place (flbench/backbones/attention.py)
             from flbench.backbones.attention import apply_attention
 

@@ -1,6 +1,9 @@
 """Contrastive pretraining of the tiny CLIP on the synthetic image–caption corpus (a fixed step count, seeded).
 
-A fixed number of steps (not a time budget) keeps the cached model identical on every machine.
+A fixed number of steps (not a time budget) and a pinned intra-op thread count keep the cached model identical
+from run to run: CPU reductions are split by thread, so the same seed trained with 1 and with 2 threads gave
+different weights (zero-shot 70.55 vs 70.51 % on the default experiment). Other CPU types or library builds may
+still differ in the last bits; RunRecords store the backbone file's key.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ DEFAULT_PRETRAIN = dict(steps=300, batch_size=256, lr=1e-3, weight_decay=0.1, wa
 # Per-model changes to DEFAULT_PRETRAIN (part of each model's cache key). The ViT learns more slowly than the ResNet:
 # at 600 steps its zero-shot 64-way accuracy is 54-67 % on the seen domains (docs/backbones.md).
 MODEL_PRETRAIN: dict[str, dict] = {"tiny-vit": dict(steps=600)}
+# Intra-op threads while pretraining, whatever the caller's setting (OMP_NUM_THREADS, tests' one-thread fixtures).
+PRETRAIN_THREADS = 2
 
 
 def _captions(meta: list[tuple[str, str]], indices: np.ndarray, rng: np.random.Generator) -> list[str]:
@@ -38,6 +43,16 @@ def _captions(meta: list[tuple[str, str]], indices: np.ndarray, rng: np.random.G
 def pretrain_tiny_clip(model: open_clip.CLIP, steps: int, batch_size: int, lr: float, weight_decay: float,
                        warmup: int, corpus: int, seed: int, corpus_seed: int) -> None:
     """Train `model` in place with the CLIP loss; random horizontal flips are the only augmentation."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(PRETRAIN_THREADS)
+    try:
+        _pretrain(model, steps, batch_size, lr, weight_decay, warmup, corpus, seed, corpus_seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _pretrain(model: open_clip.CLIP, steps: int, batch_size: int, lr: float, weight_decay: float,
+              warmup: int, corpus: int, seed: int, corpus_seed: int) -> None:
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     size = int(model.visual.image_size if isinstance(model.visual.image_size, int) else model.visual.image_size[0])

@@ -46,23 +46,17 @@ COMMON = ["logger.mode=disabled", "checkpoint.every=0", "force=true"]
 # The default experiment: CoOp, FedAvg, 10 clients (one rendering domain each), the tiny CLIP.
 TINY: list[str] = []
 # A random-weight ViT-B/16 at 224 px: 32 classes (patterns family), two domains, a few images per client.
-VIT = ["backbone=vit_b16", "backbone.pretrained=null", "dataset.family=patterns", "dataset.domains=[photo,sketch]",
-       "dataset.train_per_class=2", "dataset.val_per_class=1", "dataset.test_per_class=1", "shots=2"]
+VIT = ["backbone=vit_b16", "backbone.pretrained=null", "dataset.image_size=null", "dataset.family=patterns",
+       "dataset.domains=[photo,sketch]", "dataset.train_per_class=2", "dataset.val_per_class=1",
+       "dataset.test_per_class=1", "shots=2"]
 BACKBONES = {"tiny": TINY, "vit_b16": VIT}
 
 
 # --- one measurement, in a fresh process ---------------------------------------------------------------------------
 def compose(overrides: list[str]) -> dict[str, Any]:
-    from hydra import compose as hydra_compose, initialize_config_dir
-    from omegaconf import OmegaConf
+    from flbench.cli import compose as compose_config
 
-    from flbench.cli import CONF_DIR
-
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3", job_name="bench"):
-        cfg = hydra_compose(config_name="config", overrides=overrides)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    resolved.pop("hydra", None)
-    return resolved
+    return compose_config(overrides, job_name="bench")
 
 
 def round_times(history: list[dict[str, Any]]) -> list[float]:

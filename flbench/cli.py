@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -14,6 +16,18 @@ from flbench.errors import ConfigError
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 log = logging.getLogger("flbench")
+
+
+def compose(overrides: Sequence[str] = (), job_name: str = "flbench") -> dict[str, Any]:
+    """The resolved config `python -m flbench <overrides>` would run, as a plain dict (for scripts, tests and the
+    deployment engine, which run experiments without Hydra's command line)."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3", job_name=job_name):
+        cfg = hydra_compose(config_name="config", overrides=list(overrides))
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved.pop("hydra", None)
+    return resolved
 
 
 def setup_logging(verbose: bool) -> None:

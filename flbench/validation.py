@@ -104,10 +104,26 @@ def _execution_checks(cfg: Mapping[str, Any]) -> None:
         if not torch.cuda.is_available():
             raise ConfigError(f"backend.client_gpus={backend['client_gpus']} but this machine has no CUDA GPU; "
                               "set backend.client_gpus=0")
+    _image_tower_checks(cfg)
     name = cfg["algorithm"].get("name")
     if precision == "fp16" and not method_class(name).loss_scaling:
         raise ConfigError(f"precision=fp16 needs loss scaling, which algorithm.name={name} (own gradient computation) "
                           "does not support; use precision=bf16")
+
+
+def _image_tower_checks(cfg: Mapping[str, Any]) -> None:
+    """Image-side methods need a ViT tower. CLIP image towers take one resolution (fixed positional embeddings): a dataset rendered or resized to another
+    would fail deep inside the model. The synthetic suite defaults to the tiny CLIPs' 32 px."""
+    from flbench.backbones.weights import backbone_image_size, backbone_is_vit
+
+    name = cfg["algorithm"].get("name")
+    if method_class(name).needs_vit and backbone_is_vit(cfg["backbone"]) is False:
+        raise ConfigError(f"algorithm.name={name} needs a ViT image tower, but the backbone's is a ResNet; use "
+                          "backbone=tiny-vit (offline) or backbone=vit_b16")
+    wanted, given = backbone_image_size(cfg["backbone"]), cfg["dataset"].get("image_size")
+    if given is not None and wanted is not None and int(given) != wanted:
+        raise ConfigError(f"dataset.image_size={given} but the backbone takes {wanted}-px images; set "
+                          f"dataset.image_size={wanted} (or null: the backbone's resolution)")
 
 
 def _named(cfg: Mapping[str, Any], group: str, known: Mapping[str, Any] | list[str]) -> None:

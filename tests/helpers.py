@@ -7,11 +7,9 @@ from typing import Any
 
 import open_clip
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from flbench.backbones.clip import TINY_CONFIGS, FrozenCLIP
-from flbench.cli import CONF_DIR
+from flbench.cli import compose
 
 # A short pretraining (~15 s, cached): far weaker than the default tiny CLIP, but above chance.
 TEST_PRETRAIN = "{steps: 40, batch_size: 64, corpus: 2048, warmup: 5}"
@@ -28,11 +26,7 @@ def compose_config(overrides: list[str] | None = None, results_dir: Path | None 
     extra = list(overrides or [])
     if results_dir is not None:
         extra.append(f"results_dir={results_dir}")
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3", job_name="test"):
-        cfg = compose(config_name="config", overrides=(SMALL if small else []) + extra)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    resolved.pop("hydra", None)
-    return resolved
+    return compose((SMALL if small else []) + extra, job_name="test")
 
 
 def random_tiny(name: str = "tiny", seed: int = 0) -> FrozenCLIP:

@@ -9,10 +9,18 @@ import numpy as np
 import pytest
 
 from fake_roots import make_coop_root
+from flbench.errors import ConfigError
 from flbench.validation import validate
 from helpers import TEST_PRETRAIN, compose_config
 
 EXPERIMENTS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "experiment").glob("real_*.yaml"))
+
+
+def test_a_dataset_at_another_resolution_than_the_backbone_is_refused_before_any_work():
+    vit = ["backbone=vit_b16", "backbone.pretrained=null"]
+    with pytest.raises(ConfigError, match=r"dataset\.image_size=32 but the backbone takes 224-px images"):
+        validate(compose_config(vit, small=False))  # the synthetic suite's 32 px
+    validate(compose_config([*vit, "dataset.image_size=null"], small=False))  # null: the backbone's 224 px
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)

@@ -43,17 +43,9 @@ BACKBONES = ["tiny", "tiny-vit"]
 
 
 def compose(overrides: list[str]) -> dict[str, Any]:
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from omegaconf import OmegaConf
+    from flbench.cli import compose as compose_config
 
-    from flbench.cli import CONF_DIR
-
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3", job_name="backbones_table"):
-        cfg = hydra_compose(config_name="config", overrides=overrides)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    resolved.pop("hydra", None)
-    return resolved
+    return compose_config(overrides, job_name="backbones_table")
 
 
 def _tower(costs: dict[str, Any], tower: str, key: str, scale: float = 1.0, digits: int = 1) -> str:

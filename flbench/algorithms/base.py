@@ -32,6 +32,8 @@ class PromptMethod(nn.Module):
     name: ClassVar[str]
     # True when encode() depends on no trainable parameter: image features may then be computed once and reused.
     frozen_image_side: ClassVar[bool] = True
+    # True for methods that prompt the image tower's transformer blocks (VPT, MaPLe, PromptSRC): ViT towers only.
+    needs_vit: ClassVar[bool] = False
     # For docs/methods.md (`python -m flbench.methods_doc`): the paper, and the loss terms beyond cross-entropy.
     paper: ClassVar[str] = ""
     extra_loss: ClassVar[str] = ""

@@ -20,6 +20,7 @@ from flbench.errors import ConfigError
 
 class CoOp(PromptMethod):
     name = "coop"
+    extra_loss = "—"
 
     def __init__(self, backbone: FrozenCLIP, classnames: Sequence[str], templates: Sequence[str] = ("a photo of a {}.",),
                  n_ctx: int = 4, ctx_init: str | None = "a photo of a", class_token_position: str = "end",

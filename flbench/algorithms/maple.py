@@ -26,6 +26,7 @@ from flbench.backbones.clip import FrozenCLIP
 
 class MaPLe(PromptMethod):
     name = "maple"
+    needs_vit = True
     paper = "MaPLe (Khattak et al., CVPR 2023)"
     extra_loss = "none"
     frozen_image_side = False

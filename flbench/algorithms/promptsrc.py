@@ -40,6 +40,7 @@ def gaussian_weights(num: int, mean: float, std: float) -> torch.Tensor:
 
 class PromptSRC(PromptMethod):
     name = "promptsrc"
+    needs_vit = True
     paper = "PromptSRC (Khattak et al., ICCV 2023)"
     extra_loss = ("25·L1(text features, frozen) + 10·L1(image features, frozen) + KL(zero-shot ‖ prompted); "
                   "Gaussian prompt aggregation of the reported model")

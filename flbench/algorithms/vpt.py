@@ -25,6 +25,7 @@ from flbench.errors import ConfigError
 
 class VPT(PromptMethod):
     name = "vpt"
+    needs_vit = True
     paper = "VPT (Jia et al., ECCV 2022)"
     extra_loss = "none"
     frozen_image_side = False

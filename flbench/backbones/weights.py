@@ -41,15 +41,26 @@ JIT_HELP = ("python -c \"import torch; torch.save(torch.jit.load('IN.pt', map_lo
 HUB_PROBE_TIMEOUT_S = 1.5
 
 
-def backbone_image_size(cfg: Mapping[str, Any]) -> int | None:
-    """The input resolution of the backbone `cfg` describes, known without building it (datasets resize to it)."""
+def _vision_cfg(cfg: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The image tower's config of the backbone `cfg` describes, known without building it."""
     from flbench.backbones.clip import TINY_CONFIGS
 
     name = str(cfg.get("name", ""))
     if name.startswith("tiny"):
-        vision = TINY_CONFIGS.get(name, {}).get("vision_cfg")
-    else:
-        vision = (open_clip.get_model_config(str(cfg.get("arch"))) or {}).get("vision_cfg")
+        return TINY_CONFIGS.get(name, {}).get("vision_cfg")
+    return (open_clip.get_model_config(str(cfg.get("arch"))) or {}).get("vision_cfg")
+
+
+def backbone_is_vit(cfg: Mapping[str, Any]) -> bool | None:
+    """True for a ViT image tower, False for a ResNet one (open_clip gives ResNets a list of stage depths), None
+    when the architecture is unknown."""
+    vision = _vision_cfg(cfg)
+    return None if not vision or "layers" not in vision else not isinstance(vision["layers"], (list, tuple))
+
+
+def backbone_image_size(cfg: Mapping[str, Any]) -> int | None:
+    """The input resolution of the backbone `cfg` describes, known without building it (datasets resize to it)."""
+    vision = _vision_cfg(cfg)
     if not vision or "image_size" not in vision:
         return None
     size = vision["image_size"]

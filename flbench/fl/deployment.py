@@ -35,16 +35,9 @@ RUN_CONFIG_KEY = "overrides"
 @lru_cache(maxsize=4)
 def compose_overrides(overrides: str) -> dict[str, Any]:
     """The resolved experiment config for a string of Hydra overrides (as `python -m flbench` would build it)."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
+    from flbench.cli import compose
 
-    from flbench.cli import CONF_DIR
-
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3", job_name="flbench"):
-        cfg = compose(config_name="config", overrides=shlex.split(overrides))
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    resolved.pop("hydra", None)
-    return resolved
+    return compose(shlex.split(overrides))
 
 
 def config_from_run_config(run_config: Mapping[str, Any]) -> dict[str, Any]:

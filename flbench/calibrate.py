@@ -54,17 +54,6 @@ def calibration_settings(backbone_cfg: Mapping[str, Any]) -> dict[str, Any]:
     return {**CALIBRATION_DEFAULTS, **dict(attention.get("calibration") or {})}
 
 
-def _weights_fingerprint(backbone: FrozenCLIP) -> str:
-    """Hash of every backbone tensor except the routers: the routers belong to these exact weights."""
-    digest = hashlib.sha1()
-    for name, tensor in sorted(backbone.model.state_dict().items()):
-        if ".router." in f".{name}":
-            continue
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:12]
-
-
 def router_cache_path(backbone: FrozenCLIP, backbone_cfg: Mapping[str, Any]) -> Path:
     from flbench.datasets.render import RENDER_VERSION
 
@@ -74,7 +63,7 @@ def router_cache_path(backbone: FrozenCLIP, backbone_cfg: Mapping[str, Any]) -> 
                        "version": CALIBRATION_VERSION, "render": RENDER_VERSION}, sort_keys=True)
     key = hashlib.sha1(blob.encode()).hexdigest()[:10]
     name = backbone.name.replace("/", "_")
-    return cache_dir(backbone_cfg.get("cache")) / "routers" / f"{name}-{_weights_fingerprint(backbone)}-{key}.pt"
+    return cache_dir(backbone_cfg.get("cache")) / "routers" / f"{name}-{backbone.fingerprint()}-{key}.pt"
 
 
 def _prompts() -> list[str]:

@@ -55,11 +55,14 @@ class FrozenCLIP(nn.Module):
         self.tokenizer = open_clip.SimpleTokenizer(context_length=self.context_length)
 
     def fingerprint(self) -> str:
-        """SHA-1 (12 hex digits) of the weights when first asked (`load_backbone`: as loaded): the record's proof of which backbone it used (two
-        tiny CLIPs built from the same settings on different CPUs may differ in the last bits)."""
+        """SHA-1 (12 hex digits) of the frozen weights, routers excluded (they are trained on top of these weights):
+        which backbone a record used (two tiny CLIPs built from the same settings on different CPUs may differ in
+        the last bits), and the key of the routers calibrated for it. Computed once; the weights never change."""
         if "_fingerprint" not in self.__dict__:
             digest = hashlib.sha1()
             for name, tensor in sorted(self.model.state_dict().items()):
+                if ".router." in f".{name}":
+                    continue
                 digest.update(name.encode())
                 digest.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
             self.__dict__["_fingerprint"] = digest.hexdigest()[:12]
@@ -199,7 +202,6 @@ def load_backbone(cfg: Mapping[str, Any]) -> FrozenCLIP:
             backbone = build_tiny(cfg["name"], cfg.get("pretrain"), cfg.get("cache"))
         else:
             backbone = build_open_clip(cfg["arch"], cfg.get("pretrained"), cfg.get("checkpoint"), cfg.get("quick_gelu"))
-        backbone.fingerprint()  # of the weights as loaded, before routers are added or trained
         if cfg.get("attention"):  # dense | gqa | routed_kv, swapped in place (flbench/backbones/attention.py)
             from flbench.backbones.attention import apply_attention
 

@@ -112,8 +112,8 @@ def _execution_checks(cfg: Mapping[str, Any]) -> None:
 
 
 def _image_tower_checks(cfg: Mapping[str, Any]) -> None:
-    """Image-side methods need a ViT tower. CLIP image towers take one resolution (fixed positional embeddings): a dataset rendered or resized to another
-    would fail deep inside the model. The synthetic suite defaults to the tiny CLIPs' 32 px."""
+    """Image-side methods need a ViT tower; CLIP image towers take one resolution (fixed positional embeddings).
+    Both mistakes would otherwise fail deep inside the model. The synthetic suite defaults to the tiny CLIPs' 32 px."""
     from flbench.backbones.weights import backbone_image_size, backbone_is_vit
 
     name = cfg["algorithm"].get("name")

@@ -3,7 +3,7 @@
 A fixed number of steps (not a time budget) and a pinned intra-op thread count keep the cached model identical
 from run to run: CPU reductions are split by thread, so the same seed trained with 1 and with 2 threads gave
 different weights (zero-shot 70.55 vs 70.51 % on the default experiment). Other CPU types or library builds may
-still differ in the last bits; RunRecords store the backbone file's key.
+still differ in the last bits; RunRecords store the weights' SHA-1 (`FrozenCLIP.fingerprint`).
 """
 
 from __future__ import annotations

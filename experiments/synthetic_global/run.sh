@@ -28,7 +28,8 @@ TABLE=experiments/synthetic_global/table.md
   echo
   echo "Made by \`bash experiments/synthetic_global/run.sh\`. Mean ± sample std over seeds 0, 1, 2; test accuracy (%)"
   echo "at the round selected on validation (\`best_val\`) and at the last round. The zero-shot row is the same"
-  echo "backbone with the hand-crafted prompt \"a photo of a {}.\"."
+  echo "backbone with the hand-crafted prompt \"a photo of a {}.\". A cell without ± holds one seed: runs cut short by"
+  echo "the CPU budget were not averaged over fewer seeds silently (see experiments/README.md)."
   for selection in best_val last; do
     echo
     echo "## Tiny CLIP (ResNet image tower), $selection"

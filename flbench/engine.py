@@ -69,10 +69,11 @@ class LocalResult:
     loss: float
 
 
-def _index(encoded: Encoded, idx: torch.Tensor) -> Encoded:
-    if isinstance(encoded, tuple):
-        return tuple(e[idx.to(e.device)] for e in encoded)
-    return encoded[idx.to(encoded.device)]
+def _index(encoded: Encoded, *index: torch.Tensor) -> Encoded:
+    """`encoded[index]` for a tensor or each tensor of a tuple, with the index moved to the tensor's device."""
+    def pick(e: torch.Tensor) -> torch.Tensor:
+        return e[tuple(i.to(e.device) for i in index)]
+    return tuple(pick(e) for e in encoded) if isinstance(encoded, tuple) else pick(encoded)
 
 
 def _concat(parts: list[Encoded]) -> Encoded:
@@ -110,10 +111,7 @@ class AugmentedViews:
         return num_encoded(self.encoded)
 
     def draw(self, idx: torch.Tensor, generator: torch.Generator) -> Encoded:
-        views = torch.randint(self.count, (len(idx),), generator=generator)
-        if isinstance(self.encoded, tuple):
-            return tuple(e[views.to(e.device), idx.to(e.device)] for e in self.encoded)
-        return self.encoded[views.to(self.encoded.device), idx.to(self.encoded.device)]
+        return _index(self.encoded, torch.randint(self.count, (len(idx),), generator=generator), idx)
 
 
 @torch.no_grad()

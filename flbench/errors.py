@@ -1,5 +1,22 @@
 """User-facing errors: one line that names the config key (or file) and what to do."""
 
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Sequence
+
 
 class ConfigError(ValueError):
     """Bad input from the user. The CLI prints it as one line and exits non-zero before writing any result."""
+
+
+def unknown_keys_message(prefix: str, unknown: Sequence[str], known: Iterable[str]) -> str:
+    """'<prefix>.<key> is not a known key (did you mean …?); known: …' for the first unknown key (one line)."""
+    known = sorted(set(known))
+    key = unknown[0]
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+    hint = f" (did you mean {', '.join(f'{prefix}.{k}' for k in close)}?)" if close else ""
+    more = f" (and {len(unknown) - 1} more: {', '.join(unknown[1:4])})" if len(unknown) > 1 else ""
+    name = f"{prefix}.{key}" if prefix else key
+    return (f"{name} is not a known key{hint}{more}; known keys: {', '.join(known) or '(none)'}; remove it or fix "
+            f"its spelling")

@@ -11,6 +11,7 @@ function of the frozen backbone when `frozen_image_side` is True) and `logits(en
 from __future__ import annotations
 
 import importlib
+import inspect
 import pkgutil
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
@@ -21,11 +22,13 @@ from torch import nn
 
 from flbench.algorithms.prompting import handcrafted_text_features
 from flbench.backbones.clip import FrozenCLIP, normalize
-from flbench.errors import ConfigError
+from flbench.errors import ConfigError, unknown_keys_message
 
 Encoded = Any  # a tensor, or a tuple of tensors for methods that also need patch features
 
 _REGISTRY: dict[str, type["PromptMethod"]] = {}
+# Constructor arguments the experiment passes itself: never config keys.
+NOT_HYPERPARAMETERS = ("self", "backbone", "classnames", "templates")
 
 
 class PromptMethod(nn.Module):
@@ -37,12 +40,28 @@ class PromptMethod(nn.Module):
     # For docs/methods.md (`python -m flbench.methods_doc`): the paper, and the loss terms beyond cross-entropy.
     paper: ClassVar[str] = ""
     extra_loss: ClassVar[str] = ""
+    # For docs/methods.md's "Fidelity" section: the reference read (paper, repository, file) and every remaining
+    # deliberate deviation from it, with the reason.
+    fidelity: ClassVar[str] = ""
     # True when backward() multiplies the loss by `loss_scale` (fp16 training's loss scaling, flbench.engine).
     # Methods that compute their own gradients (ProGrad's projection, DP-FPL's clipping) set False: fp16 is refused.
     loss_scaling: ClassVar[bool] = True
     # Autocast precision of forward passes (fp32 | bf16 | fp16), set by the experiment from the `precision` key.
     precision: str = "fp32"
     loss_scale: torch.Tensor | None = None  # fp16 only: the GradScaler's current scale, set by flbench.engine
+
+    @classmethod
+    def hyperparameters(cls) -> list[str]:
+        """The hyper-parameters the method declares: keyword arguments of the `__init__`s along its MRO (a subclass
+        forwards the rest to its parent through `**hparams`; PromptMethod refuses whatever is left)."""
+        names: dict[str, None] = {}
+        for klass in cls.__mro__:
+            if klass is PromptMethod or "__init__" not in klass.__dict__:
+                continue
+            for p in inspect.signature(klass.__dict__["__init__"]).parameters.values():
+                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in NOT_HYPERPARAMETERS:
+                    names.setdefault(p.name, None)
+        return list(names)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -52,11 +71,12 @@ class PromptMethod(nn.Module):
     def __init__(self, backbone: FrozenCLIP, classnames: Sequence[str], templates: Sequence[str] = ("a photo of a {}.",),
                  **hparams: Any) -> None:
         super().__init__()
+        if hparams:  # every hyper-parameter is a keyword some __init__ of the class declares (hyperparameters())
+            raise ConfigError(unknown_keys_message("algorithm", sorted(hparams), type(self).hyperparameters()))
         # Stored outside the module tree: the backbone is shared and frozen, so it is no part of this method's state.
         object.__setattr__(self, "backbone", backbone)
         self.classnames = list(classnames)
         self.templates = list(templates)
-        self.hparams = hparams
 
     # --- forward --------------------------------------------------------------------------------------------
     def encode(self, images: torch.Tensor) -> Encoded:

@@ -6,8 +6,28 @@ import difflib
 from collections.abc import Iterable, Sequence
 
 
-class ConfigError(ValueError):
+class FlbenchError(Exception):
+    """An error the user can act on: the CLI prints it as one line (no traceback) and exits with `exit_code`."""
+
+    exit_code = 1
+
+
+class ConfigError(FlbenchError, ValueError):
     """Bad input from the user. The CLI prints it as one line and exits non-zero before writing any result."""
+
+    exit_code = 2
+
+
+class DataFileError(FlbenchError):
+    """A file flbench reads (checkpoint, cache, record) is unreadable as plain data; the message names it and the fix."""
+
+
+class StorageError(FlbenchError):
+    """Writing results failed (no space, no permission); the message names the path."""
+
+
+class ClientError(FlbenchError):
+    """A client failed deterministically (not an injected or transient failure): the run stops, nothing is written."""
 
 
 def unknown_keys_message(prefix: str, unknown: Sequence[str], known: Iterable[str]) -> str:

@@ -70,8 +70,12 @@ class Experiment:
 
     # --- methods -----------------------------------------------------------------------------------------
     def new_method(self, name: str | None = None) -> PromptMethod:
+        """The configured method, or method `name` at its own defaults (the zero-shot baseline): the configured
+        method's hyper-parameters are its own, not another method's."""
         algo = dict(self.cfg["algorithm"])
-        name = name or algo.pop("name")
+        if name is not None and name != algo["name"]:
+            algo = {}
+        name = name or algo["name"]
         algo.pop("name", None)
         torch.manual_seed(derive_seed(self.seed, 0))
         method = build_method(name, self.backbone, self.scenario.train_classnames, self.bundle.templates, algo)

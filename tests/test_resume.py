@@ -15,7 +15,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-from flbench.errors import ConfigError
+from flbench.errors import ConfigError, DataFileError
 from flbench.fl.checkpoint import Checkpointer, strategy_state
 from flbench.run import run
 from helpers import SMALL, compose_config
@@ -51,11 +51,12 @@ def test_client_state_restores_the_newest_file_before_the_round_and_prunes_safel
     assert not ckpt.restore_client(0, 6, own) and own["v"]["mine"] == 1, "a live state is never replaced"
 
 
-def test_half_written_server_checkpoint_is_not_trusted(tmp_path):
+def test_an_unreadable_server_checkpoint_is_an_error_naming_it(tmp_path):
     ckpt = _checkpointer(tmp_path)
     ckpt.server_path.parent.mkdir(parents=True)
     ckpt.server_path.write_bytes(b"PK\x03\x04 truncated")
-    assert ckpt.load_server() is None
+    with pytest.raises(DataFileError, match=f"checkpoint {ckpt.server_path} .*delete {ckpt.root}"):
+        ckpt.load_server()
     assert not list(ckpt.root.glob(".*.tmp")), "atomic writes leave no temp files behind"
 
 

@@ -15,12 +15,17 @@ Resuming fast-forwards Flower's strategy loop: rounds up to the checkpoint send 
 the checkpointed round is handed back, so round numbers (and the per-(seed, round, client) training seeds derived
 from them) are those of an uninterrupted run. Every file is written atomically; a half-written checkpoint is
 never read (the rename happens after fsync). The folder is removed once the run's record is written.
+
+Nothing in a checkpoint can run code when it is read: a results folder may be shared, or handed over as a tarball.
+Files are written as plain data — tensors, numbers, strings, lists, tuples and dicts, with numpy arrays and Flower
+records turned into tagged dicts of tensors (`encode`) — and read with `torch.load(weights_only=True)`, whose
+unpickler refuses every class and function that is not such data. A file that cannot be read that way is an error
+that names it (never a silent fresh start): delete the run's checkpoint folder to start afresh.
 """
 
 from __future__ import annotations
 
 import logging
-import pickle
 import random
 import shutil
 import time
@@ -31,41 +36,91 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from flbench.errors import ConfigError
-from flbench.io import atomic_write
+from flbench.errors import ConfigError, DataFileError
+from flbench.io import atomic_write, load_torch_data
 
 log = logging.getLogger("flbench")
 
 SCHEMA = 1
 
 
+_RECORDS = {"ArrayRecord": ArrayRecord, "ConfigRecord": ConfigRecord, "MetricRecord": MetricRecord}
+_PLAIN = (type(None), bool, int, float, str, torch.Tensor)
+
+
+def encode(value: Any) -> Any:
+    """`value` as plain data that `torch.load(weights_only=True)` reads back; TypeError for anything else."""
+    if isinstance(value, _PLAIN):
+        return value
+    if isinstance(value, np.ndarray):
+        if value.dtype == object:
+            raise TypeError("object arrays are not data")
+        return {"__ndarray__": torch.from_numpy(np.ascontiguousarray(value).copy())}
+    if isinstance(value, np.generic):
+        return {"__npscalar__": torch.from_numpy(np.asarray(value).copy())}
+    if isinstance(value, Array):
+        return {"__Array__": torch.from_numpy(value.numpy().copy())}
+    for name, kind in _RECORDS.items():
+        if isinstance(value, kind):
+            items = value.to_torch_state_dict() if kind is ArrayRecord else dict(value)
+            return {f"__{name}__": {k: encode(v) for k, v in items.items()}}
+    if isinstance(value, tuple):
+        return tuple(encode(v) for v in value)
+    if isinstance(value, list):
+        return [encode(v) for v in value]
+    if isinstance(value, dict) and all(isinstance(k, (str, int)) for k in value):
+        return {k: encode(v) for k, v in value.items()}
+    raise TypeError(f"{type(value).__name__} is not checkpoint data")
+
+
+def decode(value: Any) -> Any:
+    """The inverse of `encode`."""
+    if isinstance(value, tuple):
+        return tuple(decode(v) for v in value)
+    if isinstance(value, list):
+        return [decode(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if len(value) == 1:
+        (tag, inner), = value.items()
+        if tag == "__ndarray__":
+            return inner.numpy()
+        if tag == "__npscalar__":
+            return inner.numpy()[()]
+        if tag == "__Array__":
+            return Array(inner.numpy())
+        if isinstance(tag, str) and tag.startswith("__") and tag.strip("_") in _RECORDS:
+            kind, items = _RECORDS[tag.strip("_")], {k: decode(v) for k, v in inner.items()}
+            return ArrayRecord(items) if kind is ArrayRecord else kind(items)
+    return {k: decode(v) for k, v in value.items()}
+
+
 def _save(path: Path, payload: Any) -> None:
-    atomic_write(path, lambda f: torch.save(payload, f))
+    data = encode(payload)
+    atomic_write(path, lambda f: torch.save(data, f))
 
 
 def _load(path: Path) -> Any | None:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)  # our own files: full pickles
-    except FileNotFoundError:
+    """The checkpoint at `path`, None when there is none; DataFileError (one line naming the file) when it is not a
+    plain-data file (corrupt, or crafted to run code: it is never unpickled beyond plain data)."""
+    if not path.exists():
         return None
-    except Exception as exc:  # noqa: BLE001 - unreadable means untrusted: start that part afresh
-        log.warning("ignoring unreadable checkpoint %s (%s)", path, exc)
-        return None
+    return decode(load_torch_data(path, what="checkpoint", fix=f"delete {path.parent} to start this run afresh"))
 
 
-def _picklable(value: Any) -> bool:
+def _is_data(value: Any) -> bool:
     try:
-        pickle.dumps(value)
+        encode(value)
         return True
-    except Exception:  # noqa: BLE001 - locks, sockets, lambdas: not strategy state
+    except TypeError:  # locks, sockets, lambdas, bound methods: behaviour, not strategy state
         return False
 
 
 def strategy_state(strategy: Any) -> dict[str, Any]:
     """The strategy's attributes that are data (moments, variates, current arrays), not behaviour."""
-    return {k: v for k, v in vars(strategy).items() if not callable(v) and _picklable(v)}
+    return {k: v for k, v in vars(strategy).items() if not callable(v) and _is_data(v)}
 
 
 def rng_state() -> dict[str, Any]:
@@ -105,7 +160,10 @@ class Checkpointer:
 
     def load_server(self) -> dict[str, Any] | None:
         state = _load(self.server_path)
-        return state if isinstance(state, dict) and state.get("schema") == SCHEMA else None
+        if state is not None and not (isinstance(state, dict) and state.get("schema") == SCHEMA):
+            raise DataFileError(f"checkpoint {self.server_path} is not an flbench {SCHEMA=} checkpoint; delete "
+                                f"{self.root} to start this run afresh")
+        return state
 
     def save_server(self, server_round: int, arrays: Mapping[str, torch.Tensor], round_log: Any,
                     strategy: Any) -> None:

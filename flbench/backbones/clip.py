@@ -20,8 +20,8 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import nn
 
 from flbench.backbones.attention import sequence_lengths
-from flbench.io import atomic_write, cache_dir
-from flbench.errors import ConfigError
+from flbench.errors import ConfigError, DataFileError
+from flbench.io import atomic_write, cache_dir, load_torch_data
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,12 @@ def build_tiny(name: str = "tiny", pretrain: Mapping[str, Any] | None = None,
         torch.manual_seed(int(settings["seed"]))
         model = open_clip.CLIP(**TINY_CONFIGS[name])
     if path.exists():
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        state = load_torch_data(path, what="tiny-CLIP cache", fix="delete it and it is rebuilt on the next run")
+        try:
+            model.load_state_dict(state)
+        except (RuntimeError, TypeError, AttributeError) as error:
+            raise DataFileError(f"tiny-CLIP cache {path} does not hold this model's weights; delete it and it is "
+                                "rebuilt on the next run") from error
     else:
         log.info("building the tiny CLIP %r (first time only, cached at %s)", name, path)
         pretrain_tiny_clip(model, **settings)

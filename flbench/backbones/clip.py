@@ -20,6 +20,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import nn
 
 from flbench.backbones.attention import sequence_lengths
+from flbench.backbones.text import project_eot, text_inputs, text_length
 from flbench.errors import ConfigError, DataFileError
 from flbench.io import atomic_write, cache_dir, load_torch_data
 
@@ -126,20 +127,21 @@ class FrozenCLIP(nn.Module):
         """Text features from token embeddings [N, context_length, width]; pooled at each row's end-of-text token.
 
         This mirrors open_clip's `encode_text` after its embedding lookup, so with the embeddings of real tokens
-        it returns exactly `encode_text(tokens)`.
+        it returns `encode_text(tokens)`. Only the first `max(eot_index) + 1` positions are computed when the tower
+        is causal: nothing later can reach an EOT token (exact up to rounding; flbench/backbones/text.py).
         """
         m = self.model
-        x = embeddings + m.positional_embedding.to(embeddings.dtype)
+        x, mask = text_inputs(m, embeddings, eot_index)
         with sequence_lengths(eot_index + 1):  # routed-KV attention: padding after EOT takes no expert capacity
-            x = m.transformer(x, attn_mask=m.attn_mask)
-        x = m.ln_final(x)
-        x = x[torch.arange(x.shape[0], device=x.device), eot_index]
-        return x @ m.text_projection if not isinstance(m.text_projection, nn.Linear) else m.text_projection(x)
+            x = m.transformer(x, attn_mask=mask)
+        return project_eot(m, x, eot_index)
 
     @torch.no_grad()
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         tokens = self.tokenize(texts)
-        return self.encode_text_embeddings(self.token_embeddings(tokens), tokens.argmax(dim=-1))
+        eot_index = tokens.argmax(dim=-1)
+        tokens = tokens[:, :text_length(self.model, eot_index)]  # no embedding lookup for positions never computed
+        return self.encode_text_embeddings(self.token_embeddings(tokens), eot_index)
 
 
 # Bump when the build changes in a way the rest of the key cannot see, so that stale cached models are rebuilt

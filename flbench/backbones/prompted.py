@@ -26,6 +26,7 @@ from torch import nn
 
 from flbench.backbones.attention import sequence_lengths
 from flbench.backbones.clip import FrozenCLIP
+from flbench.backbones.text import project_eot, text_inputs
 from flbench.errors import ConfigError
 
 
@@ -134,9 +135,11 @@ def encode_text_prompted(backbone: FrozenCLIP, embeddings: torch.Tensor, eot_ind
                          deep_prompts: Sequence[torch.Tensor] = (), start: int = 1) -> torch.Tensor:
     """Text features [N, D] from token embeddings [N, L, W], with `deep_prompts[j]` ([n, W] or [N, n, W]) replacing
     positions `start:start+n` at the input of text block j+1 (MaPLe, PromptSRC). With no deep prompts this equals
-    `backbone.encode_text_embeddings(embeddings, eot_index)`."""
+    `backbone.encode_text_embeddings(embeddings, eot_index)`; as there, a causal tower computes only the positions up
+    to the last EOT (and at least the deep prompts' slots, which sit before it in every prompt)."""
     m = backbone.model
-    x = embeddings + m.positional_embedding.to(embeddings.dtype)
+    slots = start + max((p.shape[-2] for p in deep_prompts), default=0)
+    x, mask = text_inputs(m, embeddings, eot_index, minimum=slots if deep_prompts else 0)
 
     def replace(i: int, h: torch.Tensor) -> torch.Tensor:
         if i == 0 or i > len(deep_prompts):
@@ -145,6 +148,5 @@ def encode_text_prompted(backbone: FrozenCLIP, embeddings: torch.Tensor, eot_ind
         return torch.cat([h[:, :start], prompt, h[:, start + prompt.shape[1]:]], dim=1)
 
     with sequence_lengths(eot_index + 1):  # as FrozenCLIP: routed-KV attention spends no capacity on padding
-        x = m.ln_final(_blocks(m.transformer, x, m.attn_mask, replace))
-    x = x[torch.arange(x.shape[0], device=x.device), eot_index]
-    return m.text_projection(x) if isinstance(m.text_projection, nn.Linear) else x @ m.text_projection
+        x = _blocks(m.transformer, x, mask, replace)
+    return project_eot(m, x, eot_index)

@@ -7,8 +7,9 @@ Every registered method is built with its `conf/algorithm/<name>.yaml` defaults 
 ViT-B/16 (text width 512, embedding 512; no weights are needed to count parameters) and the 64 class names of the
 synthetic `shapes` family. What is trained, shared and kept local is read from the built module (`named_parameters`,
 `shared_state`, `local_state`), the counts and bytes from the tensors themselves, the paper and the extra loss from
-the method class (`paper`, `extra_loss`), and the notes from each method module's docstring — so a new method file
-appears here by rerunning the command, and the table cannot drift from the code.
+the method class (`paper`, `extra_loss`), the notes from each method module's docstring, and the "Fidelity" section
+from each class's `fidelity` text and the presets in `conf/algorithm/` — so a new method file appears here by
+rerunning the command, and the table cannot drift from the code.
 """
 
 from __future__ import annotations
@@ -117,6 +118,42 @@ def notes(names: Sequence[str]) -> str:
     return "\n".join(parts)
 
 
+def presets_of(name: str, conf_dir: Path | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """Named presets of method `name`: `conf/algorithm/<preset>.yaml` files whose defaults list starts from
+    `<name>`, with the keys each one sets (e.g. `kgcoop_flip`: FLIP's setting)."""
+    import yaml
+
+    from flbench.cli import CONF_DIR
+
+    found = []
+    for path in sorted(Path(conf_dir or CONF_DIR, "algorithm").glob("*.yaml")):
+        data = yaml.safe_load(path.read_text()) or {}
+        defaults = data.pop("defaults", None) or []
+        if defaults and defaults[0] == name:
+            found.append((path.stem, data))
+    return found
+
+
+def fidelity(names: Sequence[str]) -> str:
+    """Each method's `fidelity` text (the reference read, what is implemented, the deliberate deviations) and the
+    presets its config group offers."""
+    parts = []
+    for name in names:
+        text = inspect.cleandoc(method_class(name).fidelity) or "(not declared)"
+        presets = presets_of(name)
+        if presets:
+            listed = "; ".join(f"`algorithm={preset}` sets " + ", ".join(f"`{k}={_yaml_value(v)}`"
+                                                                       for k, v in keys.items())
+                               for preset, keys in presets)
+            text += f"\n\nPresets: {listed}. The default (`algorithm={name}`) is the authors' setting."
+        parts.append(f"### `{name}`\n\n{text}\n")
+    return "\n".join(parts)
+
+
+def _yaml_value(value: Any) -> str:
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def render(rows: Sequence[dict[str, Any]], num_classes: int) -> str:
     names = [r["name"] for r in rows]
     return (
@@ -134,6 +171,13 @@ def render(rows: Sequence[dict[str, Any]], num_classes: int) -> str:
         + table(rows)
         + "\n## Notes per method\n\nFrom each method module's docstring.\n\n"
         + notes(names)
+        + "\n## Fidelity\n\nFor each method: the reference read (paper, repository, files), what flbench implements, "
+        "every remaining deliberate deviation with its reason, and the preset that reproduces FLIP's setting where it "
+        "differs from the authors' (each method's `fidelity` text; the parity tests that check it are "
+        "`tests/test_fidelity_*.py`). Defaults follow the authors' released code; a preset is a file "
+        "`conf/algorithm/<name>_flip.yaml` whose defaults list starts from `<name>`, selected with "
+        "`algorithm=<name>_flip` (its `name:` stays the method's, and command-line overrides still win).\n\n"
+        + fidelity(names)
     )
 
 

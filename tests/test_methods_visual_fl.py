@@ -111,14 +111,14 @@ def test_promptsrc_reports_the_gaussian_average_but_trains_on_the_live_aggregate
     # Evaluations after rounds 0, 1, 2 saw the aggregates so far (round 0 = initial state).
     after_round = {len(history) - 1: (history, reported) for history, reported in reports}
     assert {0, 1, 2} <= set(after_round)
-    history, reported = after_round[2]
-    weights = [math.exp(-r ** 2 / 2) for r in range(3)]  # μ = 0, σ = 1
+    history, reported = after_round[2]  # the last round: the Gaussian average of rounds 1..2
+    weights = [math.exp(-r ** 2 / 2) for r in (1, 2)]  # μ = 0, σ = 1
     for key, value in reported.items():
-        expected = sum(w * h[key].double() for w, h in zip(weights, history)) / sum(weights)
+        expected = sum(w * h[key].double() for w, h in zip(weights, history[1:])) / sum(weights)
         assert torch.allclose(value.double(), expected, atol=1e-6), key
         assert not torch.allclose(value, history[-1][key]), "the reported model is not the live one"
-    # Round 2's clients trained from the live round-1 aggregate, not from the Gaussian average reported after it.
+    # Before the last round the live aggregate is reported, and round 2's clients trained from it.
     live, reported_1 = after_round[1][0][-1], after_round[1][1]
+    assert all(torch.equal(reported_1[k], live[k]) for k in live)
     for call in (c for c in calls if c["round"] == 2):
         assert all(torch.equal(call["received"][k], live[k]) for k in live)
-        assert not all(torch.allclose(call["received"][k], reported_1[k]) for k in live)

@@ -30,6 +30,16 @@ class CoCoOp(PromptMethod):
     name = "cocoop"
     paper = "CoCoOp (Zhou et al., CVPR 2022)"
     extra_loss = "—"
+    fidelity = """\
+Reference: Zhou et al., "Conditional Prompt Learning for Vision-Language Models", CVPR 2022; KaiyangZhou/CoOp,
+`trainers/cocoop.py` (meta-net Linear(D, D/16) → ReLU → Linear(D/16, width) on the *normalised* image feature, its
+output added to every context token, one prompt set per image), `configs/trainers/CoCoOp/vit_b16_c4_ep10_batch1_ctxv1
+.yaml` (4 tokens from "a photo of a").
+
+flbench: the same network, initialisation and loss; the per-image loop is batched (see the notes), which changes
+no number. Everything trainable is shared.
+
+Deviations: none in the math. FLIP starts from random vectors (`ctx_init=null`)."""
 
     def __init__(self, backbone: FrozenCLIP, classnames: Sequence[str], templates: Sequence[str] = ("a photo of a {}.",),
                  n_ctx: int = 4, ctx_init: str | None = "a photo of a", class_token_position: str = "end",

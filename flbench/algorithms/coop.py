@@ -21,6 +21,17 @@ from flbench.errors import ConfigError
 class CoOp(PromptMethod):
     name = "coop"
     extra_loss = "—"
+    fidelity = """\
+Reference: Zhou et al., "Learning to Prompt for Vision-Language Models", IJCV 2022; KaiyangZhou/CoOp,
+`trainers/coop.py` (context after [SOS] in "X … X {name}.", N(0, 0.02) or word initialisation, class-specific
+contexts, end/middle/front positions, cosine logits at CLIP's scale), `configs/trainers/CoOp/*_ctxv1.yaml` (CTX_INIT
+"a photo of a"). Under FedAvg this is PromptFL (Guo et al., 2023).
+
+flbench: the same prompt learner and loss; every trainable tensor is shared.
+
+Deviations: none in the math. The default is the word-initialised 4-token prompt ("ctxv1", CoOp's base-to-new
+setting); CoOp's main few-shot runs use 16 random vectors (`n_ctx=16 ctx_init=null`), which the tiny CLIP's 16-token
+context cannot hold with a class name. FLIP starts from random vectors (`ctx_init=null`)."""
 
     def __init__(self, backbone: FrozenCLIP, classnames: Sequence[str], templates: Sequence[str] = ("a photo of a {}.",),
                  n_ctx: int = 4, ctx_init: str | None = "a photo of a", class_token_position: str = "end",

@@ -1,18 +1,17 @@
 """FedPGP (Cui et al., ICML 2024): personalised prompt = global prompt σ + a low-rank personal part U·V, with a
-prompt-wise contrastive term that keeps the global prompt close to CLIP's hand-crafted knowledge.
+prompt-wise contrastive term that keeps the global prompt close to CLIP's knowledge.
 
-Trained per client: σ [n_ctx, width] (shared, FedAvg), U [n_ctx, r] and V [r, width] (personal, N(0, 0.02) init,
-never leave the client; r = `rank`, 8). Classification uses the personalised context σ + UV.
+Trained per client: σ [n_ctx, width] (shared, FedAvg), U [n_ctx, r] and V [r, width] (personal, never leave the
+client; r = `rank`); all three start at N(0, 0.02). Classification uses the personalised context σ + UV.
 
-Contrastive term, per class c, with normalised text features h_0 (hand-crafted template), h_σ (global prompt) and
-h_p (personalised prompt σ + UV):
+Contrastive term, per class c, with normalised text features h_0 (CLIP's features of the prompt's own text,
+"X X X X {class}." — the authors' frozen anchor), h_σ (global prompt) and h_p (personalised prompt σ + UV):
 
     L_con = −log  exp(cos(h_0, h_σ)/τ) / (exp(cos(h_0, h_σ)/τ) + exp(cos(h_σ, h_p)/τ))
 
-averaged over classes: the global prompt is pulled toward the hand-crafted features (generalisation) and pushed away
-from the personalised features, so that U·V carries the client-specific knowledge. Loss: CE + μ·L_con. μ = 1 and
-τ = 0.5 are our choice (we could not check the paper's values offline); both are overridable. The server, which holds
-no client's U·V, evaluates σ alone (see `personal.PersonalPromptMethod`).
+averaged over classes: the global prompt is pulled toward the anchor and pushed away from the personalised features,
+so that U·V carries the client-specific knowledge. Loss: CE + μ·L_con. The server, which holds no client's U·V,
+evaluates σ alone (see `personal.PersonalPromptMethod`).
 """
 
 from __future__ import annotations
@@ -26,33 +25,60 @@ from torch import nn
 
 from flbench.algorithms.base import cosine_logits
 from flbench.algorithms.personal import PersonalPromptMethod
-from flbench.algorithms.prompting import TextPrompt, context_length_of, init_context
+from flbench.algorithms.prompting import TextPrompt, context_length_of, handcrafted_text_features, init_context
 from flbench.backbones.clip import FrozenCLIP, normalize
 from flbench.errors import ConfigError
+
+ANCHORS = ("placeholder", "template")
 
 
 class FedPGP(PersonalPromptMethod):
     name = "fedpgp"
     paper = "FedPGP (Cui et al., ICML 2024)"
-    extra_loss = "μ·contrastive: h_σ pulled to hand-crafted h_0, pushed from personalised h_p (μ = 1, τ = 0.5)"
+    extra_loss = "μ·contrastive: h_σ pulled to CLIP's h_0, pushed from personalised h_p (μ = 0.5, τ = 0.5)"
     global_keys = ("sigma",)
+    fidelity = """\
+Reference: Cui et al., "Harmonizing Generalization and Personalization in Federated Prompt Learning", ICML 2024;
+TianyuCuiOvO/FedPGP, `trainers/fedpgp.py` (σ, U, V all N(0, 0.02); the anchor is the registered buffer `embedding`,
+the token embeddings of "X X … X {class}.", encoded by the frozen text tower; positive cos(h_0, h_σ), negative
+cos(h_σ, h_p) with h_p the σ + UV features; CE over the pair at temperature τ), `federated_main.py` (τ = 0.5; argparse
+μ = 1, bottleneck 4, n_ctx 16), `scripts/plot_basetonew_base.sh` (the released run: μ = 0.5, bottleneck 8, n_ctx 16).
+
+flbench: that formulation, with the released script's μ = 0.5 and rank 8, τ = 0.5.
+
+Deviations: n_ctx = 4 (the benchmark's prompt length, which the tiny CLIP's 16-token context can hold; the script
+uses 16). `anchor: template` (non-default) anchors to the dataset's hand-crafted template instead of the placeholder
+text, and `ctx_init` (non-default) starts σ from words: the authors' code path for a word initialisation does not run
+(U and V are left undefined there), so neither is the reference.
+
+FLIP: `fedpgp_flip` — FLIP's FedPGP (0-ml/flip `flcore/models/clip/FedPGP.py`) uses μ = 1 and τ = 1 with the same
+anchor, rank 8 and random init."""
 
     def __init__(self, backbone: FrozenCLIP, classnames: Sequence[str], templates: Sequence[str] = ("a photo of a {}.",),
-                 n_ctx: int = 4, ctx_init: str | None = "a photo of a", rank: int = 8, mu: float = 1.0,
-                 temperature: float = 0.5, class_token_position: str = "end", init_seed: int = 0,
-                 **hparams: Any) -> None:
+                 n_ctx: int = 4, ctx_init: str | None = None, rank: int = 8, mu: float = 0.5,
+                 temperature: float = 0.5, anchor: str = "placeholder", class_token_position: str = "end",
+                 init_seed: int = 0, **hparams: Any) -> None:
         super().__init__(backbone, classnames, templates, **hparams)
         if rank < 1 or temperature <= 0:
             raise ConfigError("algorithm.rank must be at least 1 and algorithm.temperature positive")
+        if anchor not in ANCHORS:
+            raise ConfigError(f"algorithm.anchor={anchor!r} is unknown; choose one of {ANCHORS}")
         n_ctx = context_length_of(backbone, ctx_init, n_ctx)
         generator = torch.Generator().manual_seed(init_seed)
         self.sigma = nn.Parameter(init_context(backbone, n_ctx, ctx_init, generator))
         self.U = nn.Parameter(torch.randn(n_ctx, rank, generator=generator) * 0.02)
         self.V = nn.Parameter(torch.randn(rank, backbone.text_width, generator=generator) * 0.02)
-        self.mu, self.temperature = float(mu), float(temperature)
+        self.mu, self.temperature, self.anchor = float(mu), float(temperature), anchor
         self.prompt = TextPrompt(backbone, classnames, n_ctx, class_token_position)
         self._init_personal()
-        self.keep_handcrafted(self.templates[:1])
+        self._keep_anchor()
+
+    def _keep_anchor(self) -> None:
+        """h_0 [C, D]: CLIP's features of "X … X {class}." (the prompt's own text), or of the dataset template."""
+        placeholder = " ".join(["X"] * self.prompt.n_ctx)
+        template = f"{placeholder} {{}}." if self.anchor == "placeholder" else self.templates[0]
+        self.register_buffer("handcrafted", handcrafted_text_features(self.backbone, self.classnames, [template]),
+                             persistent=False)
 
     def personal_context(self) -> torch.Tensor:
         return self.sigma + self.U @ self.V
@@ -78,4 +104,4 @@ class FedPGP(PersonalPromptMethod):
     def set_classnames(self, classnames: Sequence[str]) -> None:
         super().set_classnames(classnames)
         self.prompt.set_classnames(classnames)
-        self.keep_handcrafted(self.templates[:1])
+        self._keep_anchor()

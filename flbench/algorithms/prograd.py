@@ -40,6 +40,18 @@ class ProGrad(CoOp):
     paper = "ProGrad (Zhu et al., ICCV 2023)"
     extra_loss = "none added: CE gradient projected off KL(p_zs‖p) gradient when they conflict (λ = 1)"
     loss_scaling = False  # gradients come from its own autograd calls: no fp16 loss scaling
+    fidelity = """\
+Reference: Zhu et al., "Prompt-aligned Gradient for Prompt Tuning", ICCV 2023; BeierZhu/Prompt-align as shipped in
+htyao89/KgCoOp: `KgCoOp/trainers/prograd.py` (ProGradLoss: CE, and −Σ p_zs log p at temperature T scaled by T², whose
+gradient equals the KL's), `Dassl.ProGrad.pytorch/dassl/engine/trainer.py` (`prograd_backward_and_update`: per
+parameter, where G_d·G_g < 0, G_d − λ (G_d·Ĝ_g) Ĝ_g), λ = T = 1.
+
+flbench: that update rule and teacher (zero-shot CLIP with the dataset's first template); the KL form of the
+distillation term has the same gradient as the reference's cross-entropy form.
+
+Deviations: the reference initialises the context from the dataset template's prefix (`CUSTOM_TEMPLATES[dataset]`
+with " {}." removed, right-aligned in n_ctx slots); flbench from "a photo of a", which is the same prompt wherever
+the template is "a photo of a {}." (the synthetic suite, ImageNet, Caltech101, SUN397, Stanford Cars)."""
 
     def __init__(self, backbone: FrozenCLIP, classnames: Sequence[str], templates: Sequence[str] = ("a photo of a {}.",),
                  lam: float = 1.0, temperature: float = 1.0, **hparams: Any) -> None:

@@ -14,10 +14,11 @@ CLASS_POSITIONS = ("end", "middle", "front")
 
 
 @torch.no_grad()
-def handcrafted_text_features(backbone: FrozenCLIP, classnames: Sequence[str],
-                              templates: Sequence[str]) -> torch.Tensor:
+def handcrafted_text_features(backbone: FrozenCLIP, classnames: Sequence[str], templates: Sequence[str],
+                              normalise_each: bool = True) -> torch.Tensor:
     """Zero-shot class features [C, D]: per-template normalised features averaged, then renormalised (CLIP's
-    prompt ensembling; one template gives exactly that template's features).
+    prompt ensembling; one template gives exactly that template's features). With `normalise_each=False` the raw
+    per-template features are averaged before the one normalisation (PromptSRC's teacher).
 
     Computed once per backbone, class-name list and template list, then shared (read-only) by every method
     instance and every `set_classnames` of the process: zero-shot, KgCoOp, ProGrad, FedPGP, FedTPG, VPT and
@@ -26,12 +27,13 @@ def handcrafted_text_features(backbone: FrozenCLIP, classnames: Sequence[str],
     always in fp32, whatever autocast is active, since these are fixed targets.
     """
     cache: dict = backbone.__dict__.setdefault("_handcrafted_text", {})
-    key, signature = (tuple(classnames), tuple(templates)), backbone.text_signature()
+    key, signature = (tuple(classnames), tuple(templates), normalise_each), backbone.text_signature()
     hit = cache.get(key)
     if hit is not None and hit[0] == signature:
         return hit[1]
+    each = normalize if normalise_each else (lambda features: features)
     with torch.autocast(backbone.device.type, enabled=False):
-        per_template = [normalize(backbone.encode_text([t.format(c) for c in classnames])) for t in templates]
+        per_template = [each(backbone.encode_text([t.format(c) for c in classnames])) for t in templates]
         features = normalize(torch.stack(per_template).mean(0))
     cache[key] = (signature, features)
     return features
@@ -48,7 +50,19 @@ def init_context(backbone: FrozenCLIP, n_ctx: int, ctx_init: str | None, generat
 
 
 def context_length_of(backbone: FrozenCLIP, ctx_init: str | None, n_ctx: int) -> int:
-    return len(backbone.tokenizer.encode(ctx_init)) if ctx_init else n_ctx
+    """Number of context vectors: the tokens of `ctx_init` when given, else `n_ctx`.
+
+    A word initialisation fixes the context length, so an `n_ctx` that disagrees with it would be silently ignored:
+    it is refused instead (set `n_ctx` to the initialisation's token count, or `ctx_init=null` for random vectors).
+    """
+    if not ctx_init:
+        return n_ctx
+    tokens = len(backbone.tokenizer.encode(ctx_init))
+    if tokens != n_ctx:
+        raise ConfigError(f"algorithm.n_ctx={n_ctx} but algorithm.ctx_init={ctx_init!r} is {tokens} tokens, which "
+                          f"fixes the context length; set algorithm.n_ctx={tokens}, or algorithm.ctx_init=null to "
+                          f"learn {n_ctx} randomly initialised vectors")
+    return tokens
 
 
 class TextPrompt(nn.Module):

@@ -20,6 +20,14 @@ class ZeroShot(PromptMethod):
     name = "zeroshot"
     paper = "Zero-shot CLIP (Radford et al., ICML 2021)"
     extra_loss = "— (nothing is trained)"
+    fidelity = """\
+Reference: Radford et al., "Learning Transferable Visual Models From Natural Language Supervision", ICML 2021
+(prompt ensembling: per-template normalised features averaged, renormalised); KaiyangZhou/CoOp `trainers/zsclip.py`
+(ZeroshotCLIP: one hand-crafted template per dataset, CUSTOM_TEMPLATES).
+
+flbench: the dataset's first template (`datasets/templates.py`, CoOp's per-dataset prompts), or with `ensemble` all
+its templates averaged as CLIP does. Deviations: none; the ensemble's template list is flbench's per dataset (the
+reference's ZeroshotCLIP2 uses 7 selected ImageNet templates plus the dataset's)."""
 
     def __init__(self, backbone: FrozenCLIP, classnames: Sequence[str], templates: Sequence[str] = ("a photo of a {}.",),
                  ensemble: bool = False, **hparams: Any) -> None:

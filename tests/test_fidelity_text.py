@@ -11,6 +11,8 @@ test_fidelity_text_fed.py.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from pathlib import Path
 
 import pytest
@@ -33,6 +35,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def backbone():
     return random_tiny()
+
+
+@functools.lru_cache(maxsize=None)
+def composed_algorithm(*overrides: str) -> dict:
+    """The `algorithm` group `python -m flbench <overrides>` would run (composed once per test session)."""
+    from flbench.cli import compose
+
+    return compose(list(overrides), job_name="test")["algorithm"]
 
 
 def yaml_hparams(name: str) -> dict:
@@ -258,9 +268,7 @@ TEXT_METHODS = ["coop", "cocoop", "kgcoop", "prograd", "zeroshot", "fedtpg", "fe
 def test_every_algorithm_yaml_declares_only_what_its_method_takes(path):
     data = yaml.safe_load(path.read_text())
     if "defaults" in data:  # a preset: composed over its base method inside the algorithm group
-        from flbench.cli import compose
-
-        data = compose([f"algorithm={path.stem}"], job_name="test")["algorithm"]
+        data = composed_algorithm(f"algorithm={path.stem}")
     cls = method_class(data["name"])
     unknown = set(data) - {"name"} - set(cls.hyperparameters())
     assert not unknown, f"{path.name}: keys {sorted(unknown)} are not hyper-parameters of {cls.__name__}"
@@ -269,8 +277,6 @@ def test_every_algorithm_yaml_declares_only_what_its_method_takes(path):
 @pytest.mark.parametrize("name", TEXT_METHODS)
 def test_constructor_defaults_are_the_yaml_defaults(name):
     """A method built outside Hydra (tests, notebooks) gets the same defaults as `algorithm=<name>`."""
-    import inspect
-
     signature = {}
     for klass in method_class(name).__mro__:
         if "__init__" in klass.__dict__:
@@ -291,15 +297,13 @@ FLIP = {  # what each FLIP preset changes, from 0-ml/flip (main.py defaults, flc
 
 @pytest.mark.parametrize("preset", sorted(FLIP))
 def test_flip_presets_compose_over_their_method_and_change_only_flips_keys(preset):
-    from flbench.cli import compose
-
     base_name = preset.removesuffix("_flip")
-    composed = compose([f"algorithm={preset}"], job_name="test")["algorithm"]
-    base = compose([f"algorithm={base_name}"], job_name="test")["algorithm"]
+    composed = composed_algorithm(f"algorithm={preset}")
+    base = composed_algorithm(f"algorithm={base_name}")
     assert composed["name"] == base_name
     assert {k: v for k, v in composed.items() if base.get(k) != v} == FLIP[preset]
     key = next(iter(FLIP[preset]))  # a command-line override still wins over the preset
-    assert compose([f"algorithm={preset}", f"algorithm.{key}=0.3"], job_name="test")["algorithm"][key] == 0.3
+    assert composed_algorithm(f"algorithm={preset}", f"algorithm.{key}=0.3")[key] == 0.3
 
 
 @pytest.mark.parametrize("name", ["coop", "cocoop", "kgcoop", "prograd", "fedpgp", "promptfolio"])

@@ -33,8 +33,8 @@ class CoCoOp(PromptMethod):
     fidelity = """\
 Reference: Zhou et al., "Conditional Prompt Learning for Vision-Language Models", CVPR 2022; KaiyangZhou/CoOp,
 `trainers/cocoop.py` (meta-net Linear(D, D/16) → ReLU → Linear(D/16, width) on the *normalised* image feature, its
-output added to every context token, one prompt set per image), `configs/trainers/CoCoOp/vit_b16_c4_ep10_batch1_ctxv1
-.yaml` (4 tokens from "a photo of a").
+output added to every context token, one prompt set per image),
+`configs/trainers/CoCoOp/vit_b16_c4_ep10_batch1_ctxv1.yaml` (4 tokens from "a photo of a").
 
 flbench: the same network, initialisation and loss; the per-image loop is batched (see the notes), which changes
 no number. Everything trainable is shared.

@@ -18,7 +18,8 @@ import torch
 
 from flbench.algorithms.base import Encoded, PromptMethod, build_method
 from flbench.backbones.attention import attach_routers
-from flbench.backbones.clip import FrozenCLIP, load_backbone
+from flbench.backbones.build import load_backbone
+from flbench.backbones.clip import FrozenCLIP
 from flbench.backbones.weights import backbone_image_size
 from flbench.datasets import load_dataset
 from flbench.datasets.base import DatasetBundle, ImageSet

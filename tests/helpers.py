@@ -8,7 +8,8 @@ from typing import Any
 import open_clip
 import torch
 
-from flbench.backbones.clip import TINY_CONFIGS, FrozenCLIP
+from flbench.backbones.clip import FrozenCLIP
+from flbench.backbones.tiny import TINY_CONFIGS
 from flbench.cli import compose
 
 # A short pretraining (~15 s, cached): far weaker than the default tiny CLIP, but above chance.

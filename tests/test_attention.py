@@ -13,8 +13,10 @@ import torch
 
 from flbench.backbones.attention import (GroupedKVAttention, attention_costs, attention_settings, is_causal_mask,
                                          restore_attention, swap_attention, swapped_modules)
-from flbench.backbones.clip import TINY_CONFIGS, FrozenCLIP, load_backbone
+from flbench.backbones.build import load_backbone
+from flbench.backbones.clip import FrozenCLIP
 from flbench.backbones.routed_kv import RoutedKVAttention
+from flbench.backbones.tiny import TINY_CONFIGS
 from flbench.errors import ConfigError
 
 TEXTS = ["a photo of a red circle.", "blue", "a sketch of a green star on a white page"]
@@ -183,7 +185,7 @@ def test_cost_accounting_by_hand(backbones):
     assert gqa["vision"]["kv_bytes_per_token_per_layer"] == 128 and gqa["vision"]["kv_fraction"] == 0.5
     r = routed["vision"]
     assert r["kv_fraction"] == 0.5
-    assert r["kv_bytes_per_token_per_layer"] == 128 + 1  # plus the 1-byte expert index
+    assert r["kv_bytes_per_token_per_layer"] == 128 + 2 / 8  # plus the expert index: ⌈log₂ 3⌉ = 2 bits
     assert r["kv_proj_flops_per_token_per_layer"] == 2 * 2 * width * 2 * d + 2 * width * 3  # half K/V + router
     # 65 tokens at 3:1:6: capacities 20, 7, 38 -> (20*4 + 7*2 + 38*1) / 65 K/V heads per token
     assert r["kv_fraction_realised"] == pytest.approx((20 * 4 + 7 * 2 + 38) / 65 / 4, abs=1e-6)

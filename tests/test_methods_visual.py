@@ -109,7 +109,8 @@ def test_deep_visual_prompts_replace_the_previous_prompt_outputs(vit, images):
 def test_prompted_passes_use_swapped_attention(images):
     """With routed-KV attention swapped into both towers, the prompted passes go through every swapped module and
     gradients still reach the prompts."""
-    from flbench.backbones.attention import apply_attention, swapped_modules
+    from flbench.backbones.attention import swapped_modules
+    from flbench.backbones.conversion import apply_attention
 
     backbone = random_tiny("tiny-vit", seed=1)
     apply_attention(backbone, {"attention": {"kind": "routed_kv"}})

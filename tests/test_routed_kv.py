@@ -217,7 +217,8 @@ def test_sequence_lengths_must_match_the_batch():
 
 
 def test_train_routers_makes_them_part_of_the_methods_shared_state():
-    from flbench.backbones.attention import apply_attention, attach_routers, router_parameters
+    from flbench.backbones.attention import attach_routers, router_parameters
+    from flbench.backbones.conversion import apply_attention
 
     backbone = random_tiny("tiny-vit")
     apply_attention(backbone, {"attention": {"kind": "routed_kv", "train_routers": True}})

@@ -2,7 +2,7 @@
 
 import torch
 
-from flbench.backbones.clip import build_tiny
+from flbench.backbones.tiny import build_tiny
 
 # A few steps on a small corpus: enough for thread-dependent reductions to show, cheap enough for a test.
 SMALL = dict(steps=3, batch_size=64, corpus=256, warmup=1)

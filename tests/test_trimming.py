@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from flbench.algorithms.base import available_methods, build_method, method_class
-from flbench.backbones.clip import FrozenCLIP, TINY_CONFIGS
+from flbench.backbones.clip import FrozenCLIP
+from flbench.backbones.tiny import TINY_CONFIGS
 from flbench.backbones.text import TRIM_ENV, is_causal_text_tower, text_length, text_trimming, trimming_enabled
 from helpers import random_tiny
 

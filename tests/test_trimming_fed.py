@@ -9,7 +9,7 @@ import torch
 
 from flbench.algorithms.base import build_method
 from flbench.backbones.attention import swap_attention, swapped_modules
-from flbench.backbones.clip import TINY_CONFIGS
+from flbench.backbones.tiny import TINY_CONFIGS
 from flbench.backbones.text import encode_tokens, text_trimming
 from flbench.run import run
 from helpers import compose_config, random_tiny

@@ -11,7 +11,8 @@ import torch
 from open_clip.transformer import QuickGELU
 
 from flbench.algorithms.base import build_method
-from flbench.backbones.clip import TINY_CONFIGS, build_open_clip, load_backbone
+from flbench.backbones.build import build_open_clip, load_backbone
+from flbench.backbones.tiny import TINY_CONFIGS
 from flbench.backbones.weights import backbone_image_size
 from flbench.errors import ConfigError
 

@@ -2,16 +2,14 @@
 
 `FrozenCLIP` is the only thing prompt methods see. It exposes image encoding and text encoding *from token
 embeddings*, so a method can put learned context vectors where words used to be. One instance per process is
-shared by every simulated client (see `load_backbone`).
+shared by every simulated client (`backbones/build.py`: `load_backbone`). The tiny offline CLIPs are built in
+`backbones/tiny.py`, real open_clip weights are read in `backbones/weights.py`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-from collections.abc import Mapping
-from typing import Any
 
 import open_clip
 import torch
@@ -19,26 +17,10 @@ import torch.nn.functional as F
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import nn
 
-from flbench.backbones.attention import sequence_lengths
+from flbench.backbones.layers import sequence_lengths
 from flbench.backbones.text import project_eot, text_inputs, text_length
-from flbench.errors import ConfigError, DataFileError
-from flbench.io import atomic_write, cache_dir, load_torch_data
 
 log = logging.getLogger(__name__)
-
-_TEXT_TOWER = dict(context_length=16, vocab_size=49408, width=128, heads=4, layers=3)
-
-# Tiny CLIPs are configs, not new model classes (as open_clip's model_configs/*.json).
-TINY_CONFIGS: dict[str, dict[str, Any]] = {
-    # ModifiedResNet learns shape within the 2-minute budget (SYNTHETIC.md); it is the default.
-    "tiny": dict(embed_dim=128, vision_cfg=dict(layers=[1, 1, 1, 1], width=32, image_size=32, head_width=64),
-                 text_cfg=_TEXT_TOWER),
-    # A ViT image tower, for methods and attention variants that need transformer internals on the image side.
-    # Patch 4 (64 patches + CLS): patch 8 hardly learns shape (SYNTHETIC.md). Width 64 in 4 heads of 16 halves the
-    # step time of width 128, so 600 pretraining steps (pretrain.MODEL_PRETRAIN) fit in minutes (docs/backbones.md).
-    "tiny-vit": dict(embed_dim=128, vision_cfg=dict(layers=4, width=64, patch_size=4, image_size=32, head_width=16),
-                     text_cfg=_TEXT_TOWER),
-}
 
 
 class FrozenCLIP(nn.Module):
@@ -68,6 +50,10 @@ class FrozenCLIP(nn.Module):
                 digest.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
             self.__dict__["_fingerprint"] = digest.hexdigest()[:12]
         return self.__dict__["_fingerprint"]
+
+    def forget_fingerprint(self) -> None:
+        """The weights were changed on purpose (an uptrained conversion): the next `fingerprint()` hashes them anew."""
+        self.__dict__.pop("_fingerprint", None)
 
     def train(self, mode: bool = True) -> "FrozenCLIP":
         # The backbone never leaves eval mode (no dropout, no BN updates), whatever its owner does.
@@ -142,80 +128,6 @@ class FrozenCLIP(nn.Module):
         eot_index = tokens.argmax(dim=-1)
         tokens = tokens[:, :text_length(self.model, eot_index)]  # no embedding lookup for positions never computed
         return self.encode_text_embeddings(self.token_embeddings(tokens), eot_index)
-
-
-# Bump when the build changes in a way the rest of the key cannot see, so that stale cached models are rebuilt
-# everywhere. 2: initial weights seeded from the pretraining seed; pretraining on a pinned thread count. 3: the text
-# pass trimmed to the batch's last EOT, fused AdamW (same procedure, other floating-point rounding: other weights).
-TINY_BUILD_VERSION = 3
-
-
-def _tiny_key(name: str, pretrain: Mapping[str, Any]) -> str:
-    """Cache key: model config, pretraining settings, the version of the corpus (renderer and captions) and of the
-    build procedure."""
-    from flbench.backbones.pretrain import PRETRAIN_THREADS
-    from flbench.datasets.render import RENDER_VERSION
-    from flbench.datasets.synthetic import CAPTIONS
-
-    blob = json.dumps({"config": TINY_CONFIGS[name], "pretrain": dict(pretrain), "render": RENDER_VERSION,
-                       "captions": CAPTIONS, "build": TINY_BUILD_VERSION, "threads": PRETRAIN_THREADS},
-                      sort_keys=True)
-    return hashlib.sha1(blob.encode()).hexdigest()[:12]
-
-
-def build_tiny(name: str = "tiny", pretrain: Mapping[str, Any] | None = None,
-               cache: str | None = None) -> FrozenCLIP:
-    """The tiny CLIP `name`, pretrained by the package on the synthetic corpus the first time, then loaded from cache."""
-    from flbench.backbones.pretrain import DEFAULT_PRETRAIN, MODEL_PRETRAIN, pretrain_tiny_clip  # cache miss only
-
-    if name not in TINY_CONFIGS:
-        raise ConfigError(f"backbone.name={name!r} is not a tiny CLIP; choose one of {sorted(TINY_CONFIGS)}")
-    settings = {**DEFAULT_PRETRAIN, **MODEL_PRETRAIN.get(name, {}), **(pretrain or {})}
-    path = cache_dir(cache) / "tiny_clip" / f"{name}-{_tiny_key(name, settings)}.pt"
-    with torch.random.fork_rng(devices=[]):  # initial weights from the pretraining seed, not the caller's RNG
-        torch.manual_seed(int(settings["seed"]))
-        model = open_clip.CLIP(**TINY_CONFIGS[name])
-    if path.exists():
-        state = load_torch_data(path, what="tiny-CLIP cache", fix="delete it and it is rebuilt on the next run")
-        try:
-            model.load_state_dict(state)
-        except (RuntimeError, TypeError, AttributeError) as error:
-            raise DataFileError(f"tiny-CLIP cache {path} does not hold this model's weights; delete it and it is "
-                                "rebuilt on the next run") from error
-    else:
-        log.info("building the tiny CLIP %r (first time only, cached at %s)", name, path)
-        pretrain_tiny_clip(model, **settings)
-        atomic_write(path, lambda f: torch.save(model.state_dict(), f))
-    return FrozenCLIP(model, name)
-
-
-def build_open_clip(arch: str, pretrained: str | None = None, checkpoint: str | None = None,
-                    quick_gelu: bool | None = None) -> FrozenCLIP:
-    """An open_clip architecture, with a pretrained tag, a local checkpoint, or random weights (both None).
-    Offline failures, checkpoint formats and QuickGELU: flbench/backbones/weights.py."""
-    from flbench.backbones.weights import create_model
-
-    model, mean, std = create_model(arch, pretrained, checkpoint, quick_gelu)
-    return FrozenCLIP(model, arch, mean, std)
-
-
-_PROCESS_BACKBONES: dict[str, FrozenCLIP] = {}
-
-
-def load_backbone(cfg: Mapping[str, Any]) -> FrozenCLIP:
-    """The process-wide backbone for this config: built once, then shared by every client in the process."""
-    key = json.dumps(dict(cfg), sort_keys=True, default=str)
-    if key not in _PROCESS_BACKBONES:
-        if cfg.get("name", "").startswith("tiny"):
-            backbone = build_tiny(cfg["name"], cfg.get("pretrain"), cfg.get("cache"))
-        else:
-            backbone = build_open_clip(cfg["arch"], cfg.get("pretrained"), cfg.get("checkpoint"), cfg.get("quick_gelu"))
-        if cfg.get("attention"):  # dense | gqa | routed_kv, swapped in place (flbench/backbones/attention.py)
-            from flbench.backbones.attention import apply_attention
-
-            apply_attention(backbone, cfg)
-        _PROCESS_BACKBONES[key] = backbone
-    return _PROCESS_BACKBONES[key]
 
 
 def normalize(features: torch.Tensor) -> torch.Tensor:

@@ -5,28 +5,34 @@ Per layer:
 
 * **Experts** e = 1..E store K/V at group size g_e (default 1, 2, 4). They share the pretrained W_K, W_V: expert e's
   compact head j is the mean of original heads j*g_e .. j*g_e+g_e-1, i.e. it projects with the group-averaged
-  weights. Queries are never routed or pooled: query head h reads compact head h // g_e of every expert, and one
-  softmax runs jointly over all keys (``flbench.kernels.routed_attention``, the one dispatch point).
+  weights (one K+V GEMM per expert, over its own tokens only). Queries are never routed or pooled: query head h
+  reads compact head h // g_e of every expert, and one softmax runs jointly over all keys
+  (``flbench.kernels.routed_attention``, the one dispatch point).
 * **Router** S = sigmoid(x·φ + β), φ He-initialised, β = 0: the only new parameters.
-* **Progressive expert-choice**: expert 1 takes the ⌈ρ₁·n⌉ tokens it scores highest, expert 2 the ⌈ρ₂·n⌉ best of
-  the rest, ...; the last expert takes the remainder. Every token lands in exactly one expert; capacities sum to n
-  (n = the row's real tokens: text padding after end-of-text takes no capacity). KV fraction = Σ ρ_e / g_e
-  (3:1:6 over (1, 2, 4) → 0.3 + 0.05 + 0.15 = 0.5). Optionally the image CLS token is pinned to expert 1.
-* Each expert's K/V are computed **only for its own tokens** (gather, then project with the pooled weights), so
-  the K/V projection cost falls with the budget.
-* **Auxiliary loss**: cross-entropy between each token's router logits x·φ + β (argmax of the logits = argmax of
-  the sigmoid scores) and its expert-choice assignment, weight α, so per-token argmax routing — what a streaming
-  setting would use — agrees with expert-choice. The agreement is recorded per layer.
+* **Progressive expert-choice**: expert 1 takes the C_1 tokens it scores highest, expert 2 the C_2 best of the rest,
+  ...; the last expert takes the remainder, so every token lands in exactly one expert (n = the row's real tokens:
+  text padding after end-of-text takes no capacity). Capacities (`capacity_rows`): ``ceil`` (default) C_e = ⌈ρ_e·n⌉,
+  so short rows get slightly more than the nominal budget Σ ρ_e / g_e; ``cap`` moves tokens to the coarsest expert
+  until the row's budget is at most nominal. Optionally the image CLS token is pinned to expert 1.
+* **Auxiliary loss**: cross-entropy between each token's router logits (argmax of the logits = argmax of the
+  sigmoid scores) and its expert-choice assignment, averaged over the tower's routed layers and weighted α
+  (α/N·Σ_l, as the paper writes it), so per-token argmax routing — what a streaming setting would use — agrees with
+  expert-choice. The agreement is recorded per layer.
 
 Router gradient (our choice; the paper's hard masks give the router no task gradient). Each token's values in its
 expert are scaled by s / stopgrad(s), s = the token's score for the expert it was assigned to: the forward pass is
-unchanged (the factor is exactly 1), and the router receives ∂L/∂s = Σ_i p_ij ⟨∂L/∂o_i, v_j⟩ / s — how much the
-token's contribution, at the granularity it was given, helps the loss. That signal is weak (it says whether a token
-matters, not which granularity it needs), so the calibration (flbench/calibrate.py) also trains the router toward
-an oracle routing computed from the dense layer (`oracle_benefit`). The auxiliary loss is added to
-the backward pass of the layer's output by a tiny autograd function (identity forward; backward also sends α to
-the aux loss), so any loss computed from the model — a prompt method's, the calibration's — trains the router
-with it without knowing about it. Both are active only when the router's parameters require gradients.
+unchanged (the factor is exactly 1), and the router receives ∂L/∂s = Σ_i p_ij ⟨∂L/∂o_i, v_j⟩ / s. The calibration
+(backbones/calibration.py) also trains the router toward an oracle routing computed from the dense layer
+(`oracle_benefit`), weighted by the query rows that reach the pooled output. The auxiliary loss is added to the
+backward pass of the layer's output by a tiny autograd function (identity forward), so any loss computed from the
+model trains the router with it without knowing about it. Both are active only when the router's parameters
+require gradients.
+
+No host synchronisation in forward or backward: capacities come from a table computed on the host per row length
+(a buffer on the layer's device, indexed by the rows' token counts), every expert's slot buffer has a fixed width
+(the largest capacity any row of this length can have; spare slots hold position -1), assignments are built with
+`torch.where`/`scatter`, never boolean-mask indexing. The layer compiles with `torch.compile` without graph breaks
+(tests/test_routed_kv.py).
 """
 
 from __future__ import annotations
@@ -34,19 +40,24 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flbench.backbones.attention import SharedWeightAttention, current_text_lengths, is_causal_mask, pooled_projection
+from flbench.backbones.layers import SharedWeightAttention, current_text_lengths, pooled_projection
 from flbench.errors import ConfigError
 from flbench.kernels import routed_attention
 
 log = logging.getLogger(__name__)
 
+CAPACITY_RULES = ("ceil", "cap")
+ORACLE_ROWS = ("pooled", "rollout", "all")
+_TABLE_MIN_LENGTH = 256  # capacity tables start this long (CLIP text: 77 positions, ViT-B/16: 197 tokens)
 
-def check_routing(group_sizes: Sequence[int], ratios: Sequence[float]) -> None:
+
+def check_routing(group_sizes: Sequence[int], ratios: Sequence[float], capacity: str = "ceil") -> None:
     """ConfigError naming the key when the expert layout makes no sense."""
     if len(group_sizes) == 0 or len(group_sizes) != len(ratios):
         raise ConfigError(f"backbone.attention.ratios={list(ratios)} needs one entry per group size "
@@ -55,69 +66,126 @@ def check_routing(group_sizes: Sequence[int], ratios: Sequence[float]) -> None:
         raise ConfigError(f"backbone.attention.group_sizes={list(group_sizes)} must be positive integers")
     if any(float(r) < 0 for r in ratios) or sum(float(r) for r in ratios) <= 0:
         raise ConfigError(f"backbone.attention.ratios={list(ratios)} must be non-negative with a positive sum")
+    if capacity not in CAPACITY_RULES:
+        raise ConfigError(f"backbone.attention.capacity={capacity!r} must be one of {list(CAPACITY_RULES)}")
+    if capacity == "cap" and int(group_sizes[-1]) != max(int(g) for g in group_sizes):
+        raise ConfigError(f"backbone.attention.capacity=cap needs the last expert to be the coarsest "
+                          f"(group_sizes={list(group_sizes)}): it takes the tokens moved to stay within budget")
+
+
+def _fractions(ratios: Sequence[float]) -> list[Fraction]:
+    """Normalised ratios as exact fractions (0.3 is 3/10, not the float nearest to it)."""
+    parts = [Fraction(repr(float(r))) for r in ratios]
+    total = sum(parts)
+    return [p / total for p in parts]
 
 
 def kv_fraction(ratios: Sequence[float], group_sizes: Sequence[int]) -> float:
     """Nominal K/V memory relative to dense: Σ ρ_e / g_e with ρ the normalised ratios."""
-    total = float(sum(ratios))
-    return sum(float(r) / total / int(g) for r, g in zip(ratios, group_sizes))
+    return float(sum(r / int(g) for r, g in zip(_fractions(ratios), group_sizes)))
 
 
-def capacities(n_tokens: torch.Tensor, ratios: Sequence[float]) -> torch.Tensor:
-    """[B, E] capacities for rows of n_tokens real tokens: ⌈ρ_e·n⌉ taken progressively, the last expert the rest."""
-    total = float(sum(ratios))
-    n = n_tokens.to(torch.float64)
-    remaining = n_tokens.long().clone()
-    caps = []
-    for r in list(ratios)[:-1]:
-        # The small epsilon keeps exact products (0.3 * 20 = 6.000000000000001) from rounding up.
-        c = torch.ceil(n * (float(r) / total) - 1e-9).long().clamp(min=0)
-        c = torch.minimum(c, remaining)
-        caps.append(c)
-        remaining = remaining - c
-    caps.append(remaining)
-    return torch.stack(caps, dim=-1)
+def capacity_rows(max_length: int, ratios: Sequence[float], group_sizes: Sequence[int], rule: str = "ceil"
+                  ) -> list[tuple[int, ...]]:
+    """Capacities of every expert for rows of n = 0..max_length tokens, on the host, in exact arithmetic.
+
+    ceil: expert e < E takes ⌈ρ_e·n⌉ (progressively: never more than what is left), the last the rest.
+    cap:  from ceil, one token at a time moves from the finer expert that overshoots its share most (ρ_e·n) to the
+          last (coarsest) expert, until Σ C_e / g_e ≤ n·Σ ρ_e / g_e: the realised budget never exceeds the nominal.
+    """
+    rho = _fractions(ratios)
+    groups = [int(g) for g in group_sizes]
+    nominal = sum(r / g for r, g in zip(rho, groups))
+    rows = []
+    for n in range(max_length + 1):
+        caps, remaining = [], n
+        for r in rho[:-1]:
+            c = min(math.ceil(r * n), remaining)
+            caps.append(c)
+            remaining -= c
+        caps.append(remaining)
+        if rule == "cap":
+            while sum(Fraction(c, g) for c, g in zip(caps, groups)) > n * nominal:
+                movable = [e for e in range(len(caps) - 1) if caps[e] > 0]
+                e = max(movable, key=lambda i: (caps[i] - rho[i] * n, -groups[i]))
+                caps[e] -= 1
+                caps[-1] += 1
+        rows.append(tuple(caps))
+    return rows
+
+
+def capacities(n_tokens: torch.Tensor, ratios: Sequence[float], group_sizes: Sequence[int] | None = None,
+               rule: str = "ceil") -> torch.Tensor:
+    """[B, E] capacities for rows of n_tokens real tokens (reads n_tokens on the host: analysis and tests only)."""
+    groups = group_sizes if group_sizes is not None else [1] * len(ratios)
+    table = torch.tensor(capacity_rows(int(n_tokens.max()) if n_tokens.numel() else 0, ratios, groups, rule))
+    return table.to(n_tokens.device)[n_tokens.long()]
+
+
+def realised_kv_fraction(n: int, ratios: Sequence[float], group_sizes: Sequence[int], rule: str = "ceil") -> float:
+    """K/V stored for a row of n tokens relative to dense (the integer capacities, not the ratios)."""
+    caps = capacity_rows(n, ratios, group_sizes, rule)[n]
+    return sum(c / int(g) for c, g in zip(caps, group_sizes)) / max(n, 1)
 
 
 def expert_choice(scores: torch.Tensor, valid: torch.Tensor, ratios: Sequence[float],
-                  pinned: torch.Tensor | None = None) -> torch.Tensor:
+                  pinned: torch.Tensor | None = None, caps: torch.Tensor | None = None) -> torch.Tensor:
     """Progressive expert-choice assignment [B, L] (expert index; -1 for padding) from scores [B, L, E].
 
+    `caps` [B, E] are the rows' capacities (default: ceil capacities of each row's valid count, read on the host).
     `pinned` tokens (e.g. CLS) go to expert 0 first and count against its capacity. Ties break by position.
     """
     batch, length, n_experts = scores.shape
-    caps = capacities(valid.sum(1), ratios)  # [B, E]
+    if caps is None:
+        caps = capacities(valid.sum(1), ratios)
     assign = torch.full((batch, length), -1, dtype=torch.long, device=scores.device)
-    free = valid.clone()
+    free = valid
     if pinned is not None:
         pinned = pinned & valid
-        assign[pinned] = 0
-        free &= ~pinned
-        caps[:, 0] = (caps[:, 0] - pinned.sum(1)).clamp(min=0)
+        assign = torch.where(pinned, 0, assign)
+        free = free & ~pinned
+        caps = torch.cat([(caps[:, :1] - pinned.sum(1, keepdim=True)).clamp(min=0), caps[:, 1:]], dim=1)
     ranks = torch.arange(length, device=scores.device)
     for e in range(n_experts - 1):
         s = scores[..., e].masked_fill(~free, float("-inf"))
         order = torch.sort(s, dim=1, descending=True, stable=True).indices
-        taken = torch.zeros_like(free)
-        # The first caps[b, e] tokens in score order; capacity never exceeds the free tokens (capacities() clamps).
-        taken.scatter_(1, order, (ranks[None, :] < caps[:, e:e + 1]) & free.gather(1, order))
-        assign[taken] = e
-        free &= ~taken
-    assign[free] = n_experts - 1
-    return assign
+        # The first caps[b, e] tokens in score order; a capacity never exceeds the free tokens (capacity_rows).
+        taken = torch.zeros_like(free).scatter(1, order, (ranks[None, :] < caps[:, e:e + 1]) & free.gather(1, order))
+        assign = torch.where(taken, e, assign)
+        free = free & ~taken
+    return torch.where(free, n_experts - 1, assign)
 
 
-def expert_slots(assign: torch.Tensor, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token index [B, C], slot position [B, C]) of one expert's tokens in position order; C = the batch's largest
-    count; a row's spare slots point at token 0 with position -1 (padding the kernel never attends to)."""
+def expert_slot_buffers(assign: torch.Tensor, widths: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per expert: (token index [B, W_e], slot position [B, W_e]) of its tokens in position order, in a buffer of
+    fixed width W_e (spare slots point at token 0 with position -1: padding the kernel never attends to).
+
+    One sort for all experts: tokens ordered by (expert, position), padding last; expert e's tokens are then the
+    segment that starts after the earlier experts' counts.
+    """
     batch, length = assign.shape
-    mine = assign == expert
-    counts = mine.sum(1)
-    width = int(counts.max()) if batch else 0
     position = torch.arange(length, device=assign.device).expand(batch, length)
-    order = torch.argsort(torch.where(mine, position, position + length), dim=1)[:, :width]
-    used = torch.arange(width, device=assign.device)[None, :] < counts[:, None]
-    return order.masked_fill(~used, 0), order.masked_fill(~used, -1)
+    n_experts = len(widths)
+    key = torch.where(assign >= 0, assign * length + position, n_experts * length + position)
+    order = key.argsort(dim=1)
+    counts = torch.stack([(assign == e).sum(1) for e in range(n_experts)], dim=1)  # [B, E]
+    starts = counts.cumsum(1) - counts
+    buffers = []
+    for e, width in enumerate(widths):
+        slot = torch.arange(width, device=assign.device)[None, :]
+        used = slot < counts[:, e:e + 1]
+        token = order.gather(1, (starts[:, e:e + 1] + slot).clamp(max=max(length - 1, 0)))
+        buffers.append((token.masked_fill(~used, 0), token.masked_fill(~used, -1)))
+    return buffers
+
+
+def expert_slots(assign: torch.Tensor, expert: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One expert's slot buffer (width: its largest count in the batch unless given — read on the host)."""
+    n_experts = int(assign.max()) + 1 if assign.numel() else expert + 1
+    n_experts = max(n_experts, expert + 1)
+    widths = [0] * n_experts
+    widths[expert] = int((assign == expert).sum(1).max()) if width is None and assign.numel() else int(width or 0)
+    return expert_slot_buffers(assign, widths)[expert]
 
 
 class Router(nn.Module):
@@ -155,50 +223,95 @@ class _AuxLossInjection(torch.autograd.Function):
         return grad_out, grad_out.new_full(ctx.aux_shape, ctx.weight), None
 
 
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of values where mask holds (0 when nothing does), without boolean indexing (no host sync)."""
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
 class RoutedKVAttention(SharedWeightAttention):
     """mixSGA attention from a pretrained ``nn.MultiheadAttention`` (same Q/K/V/O parameters, plus a router)."""
 
     def __init__(self, mha: nn.MultiheadAttention, tower: str, group_sizes: Sequence[int] = (1, 2, 4),
                  ratios: Sequence[float] = (3, 1, 6), pin_cls: bool = False, aux_weight: float = 0.01,
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", capacity: str = "ceil") -> None:
         super().__init__(mha, tower)
-        check_routing(group_sizes, ratios)
+        check_routing(group_sizes, ratios, capacity)
         bad = [g for g in group_sizes if self.num_heads % int(g)]
         if bad:
             raise ConfigError(f"backbone.attention.group_sizes={list(group_sizes)}: {bad} do not divide the {tower} "
                               f"tower's {self.num_heads} heads")
         self.group_sizes = tuple(int(g) for g in group_sizes)
         self.ratios = tuple(float(r) for r in ratios)
+        self.capacity = capacity
         self.pin_cls = pin_cls
         self.aux_weight = float(aux_weight)
+        self.aux_scale = 1.0  # 1 / (routed layers of this tower), set by the conversion: the loss is α/N·Σ_l
         self.backend = backend
         self.router = Router(self.embed_dim, len(self.group_sizes))
+        # Which query row the tower pools (the oracle's default relevance): "eot" (text), "cls" or "mean" (vision).
+        self.pooled_row = "eot" if tower == "text" else "cls"
         self.fixed_assignment: torch.Tensor | None = None  # tests and analysis: bypass the router's choice
         self.oracle: str | None = None  # calibration: "target" (train toward the oracle) or "route" (route by it)
+        self.oracle_rows = "pooled"  # which query rows weigh a token's pooling error (ORACLE_ROWS)
+        self.query_relevance: torch.Tensor | None = None  # oracle_rows=rollout: [B, L] weights from the calibration
         self.last_oracle_loss: torch.Tensor | None = None
         self.last_assignment: torch.Tensor | None = None
         self.last_aux_loss: torch.Tensor | None = None
         self.last_agreement: torch.Tensor | None = None
+        # What was actually encoded (budgets measured, not assumed): K/V heads stored and real tokens, summed.
+        self.register_buffer("kv_heads_stored", torch.zeros((), dtype=torch.long), persistent=False)
+        self.register_buffer("tokens_encoded", torch.zeros((), dtype=torch.long), persistent=False)
+        self._build_tables(_TABLE_MIN_LENGTH)
+        self._projection_cache: tuple[tuple, list] | None = None
 
     # --- budget ---------------------------------------------------------------------------------------------
+    def _build_tables(self, max_length: int) -> None:
+        rows = capacity_rows(max_length, self.ratios, self.group_sizes, self.capacity)
+        device = self.kv_heads_stored.device
+        self.register_buffer("capacity_table", torch.tensor(rows, dtype=torch.long, device=device), persistent=False)
+        # Slot-buffer width of each expert for a batch of length L: the largest capacity of any row of <= L tokens.
+        widths, running = [], [0] * len(self.group_sizes)
+        for row in rows:
+            running = [max(a, b) for a, b in zip(running, row)]
+            widths.append(tuple(running))
+        self._widths = widths
+
+    def slot_widths(self, length: int, pinned: bool) -> tuple[int, ...]:
+        """Fixed slot-buffer widths for a batch of `length` positions (host integers: shapes, not data)."""
+        widths = self._widths[length]
+        if pinned:  # a pinned CLS is in expert 0 even where its capacity rounds to 0
+            widths = (max(widths[0], 1), *widths[1:])
+        return widths
+
     def kv_heads_per_token(self, length: int | None = None) -> float:
         """Average K (= V) heads stored per token: nominal (ratios), or realised at `length` tokens (capacities)."""
         if length is None:
             return self.num_heads * kv_fraction(self.ratios, self.group_sizes)
-        caps = capacities(torch.tensor([length]), self.ratios)[0].tolist()
-        return sum(c * self.num_heads / g for c, g in zip(caps, self.group_sizes)) / max(length, 1)
+        return self.num_heads * realised_kv_fraction(length, self.ratios, self.group_sizes, self.capacity)
+
+    def measured_kv_fraction(self) -> float | None:
+        """K/V stored over everything this layer encoded since the last reset, relative to dense (None: nothing)."""
+        tokens = int(self.tokens_encoded)
+        return None if tokens == 0 else int(self.kv_heads_stored) / (tokens * self.num_heads)
+
+    def reset_measurement(self) -> None:
+        self.kv_heads_stored.zero_()
+        self.tokens_encoded.zero_()
 
     # --- routing --------------------------------------------------------------------------------------------
-    def _valid(self, batch: int, length: int, device: torch.device) -> torch.Tensor:
+    def _valid(self, batch: int, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(valid positions [B, L], real tokens per row [B])."""
         lengths = current_text_lengths() if self.tower == "text" else None
         positions = torch.arange(length, device=device)
         if lengths is None:
-            return torch.ones(batch, length, dtype=torch.bool, device=device)
+            return (torch.ones(batch, length, dtype=torch.bool, device=device),
+                    torch.full((batch,), length, dtype=torch.long, device=device))
         if lengths.shape[0] != batch:
             raise RuntimeError(f"sequence_lengths() gave {lengths.shape[0]} rows for a batch of {batch}")
-        return positions[None, :] < lengths.to(device)[:, None]
+        lengths = lengths.to(device=device, dtype=torch.long).clamp(max=length)
+        return positions[None, :] < lengths[:, None], lengths
 
-    def route(self, x: torch.Tensor, valid: torch.Tensor, causal: bool = False
+    def route(self, x: torch.Tensor, valid: torch.Tensor, n_tokens: torch.Tensor, causal: bool = False
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(router logits [B, L, E], assignment [B, L], pinned mask or None)."""
         logits = self.router(x)
@@ -206,38 +319,69 @@ class RoutedKVAttention(SharedWeightAttention):
         if self.pin_cls:
             pinned = torch.zeros_like(valid)
             pinned[:, 0] = True
+        caps = self.capacity_table[n_tokens]
         self.last_oracle_loss = None
         if self.fixed_assignment is not None:
             assign = self.fixed_assignment.to(x.device)
         elif self.oracle == "route":
-            assign = expert_choice(self.oracle_benefit(x, valid, causal), valid, self.ratios, pinned)
+            benefit = self.oracle_benefit(x, valid, causal, self.oracle_relevance(valid, n_tokens))
+            assign = expert_choice(benefit, valid, self.ratios, pinned, caps)
         else:
-            assign = expert_choice(torch.sigmoid(logits.detach()), valid, self.ratios, pinned)
+            assign = expert_choice(torch.sigmoid(logits.detach()), valid, self.ratios, pinned, caps)
         if self.oracle == "target":
-            target = expert_choice(self.oracle_benefit(x, valid, causal), valid, self.ratios, pinned)
+            benefit = self.oracle_benefit(x, valid, causal, self.oracle_relevance(valid, n_tokens))
+            target = expert_choice(benefit, valid, self.ratios, pinned, caps)
             routed = valid if pinned is None else valid & ~pinned
-            self.last_oracle_loss = F.cross_entropy(logits[routed], target[routed])
+            ce = F.cross_entropy(logits.flatten(0, 1).float(), target.clamp(min=0).flatten(), reduction="none")
+            self.last_oracle_loss = _masked_mean(ce.view_as(target), routed)
         return logits, assign, pinned
 
+    def oracle_relevance(self, valid: torch.Tensor, n_tokens: torch.Tensor, rows: str | None = None
+                         ) -> torch.Tensor:
+        """[B, L] weight of each query row in the oracle (rows, default `oracle_rows`): the row(s) the tower pools,
+        all rows, or the rollout relevance the calibration computed for this batch."""
+        rows = rows or self.oracle_rows
+        if rows == "rollout":
+            if self.query_relevance is None or tuple(self.query_relevance.shape) != tuple(valid.shape):
+                raise RuntimeError("oracle_rows=rollout needs query_relevance for this batch (set by calibration)")
+            return self.query_relevance
+        if rows == "all":
+            return valid.float()
+        if self.pooled_row == "mean":
+            return valid.float() / n_tokens[:, None].clamp(min=1)
+        row = (n_tokens - 1).clamp(min=0) if self.pooled_row == "eot" else torch.zeros_like(n_tokens)
+        return F.one_hot(row, valid.shape[1]).float()
+
+    def attention_probs(self, x: torch.Tensor, valid: torch.Tensor, causal: bool) -> torch.Tensor:
+        """Dense attention probabilities [B, H, L, L] of this layer for input x (rows of padding are zero)."""
+        (wq, bq), (wk, bk), _ = self._split_weights()
+        q = self._heads(F.linear(x, wq, bq), self.num_heads)
+        k = self._heads(F.linear(x, wk, bk), self.num_heads)
+        length = x.shape[1]
+        visible = valid[:, None, None, :]
+        if causal:
+            visible = visible & torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
+        scores = (q @ k.transpose(-1, -2) * self.head_dim ** -0.5).masked_fill(~visible, float("-inf"))
+        return torch.softmax(scores, dim=-1).nan_to_num(0.0) * valid[:, None, :, None]
+
     @torch.no_grad()
-    def oracle_benefit(self, x: torch.Tensor, valid: torch.Tensor, causal: bool) -> torch.Tensor:
+    def oracle_benefit(self, x: torch.Tensor, valid: torch.Tensor, causal: bool,
+                       relevance: torch.Tensor | None = None) -> torch.Tensor:
         """[B, L, E]: attention-weighted K/V error a token avoids in expert e instead of the last (coarsest) expert.
 
         Computed from the dense layer (full K/V for every token: calibration only). A token's pooling error is
-        weighted by the attention mass it receives: Σ_i p_ij (‖Δv_j‖² + (q_i·Δk_j / √d)²), summed over heads.
-        Progressive expert-choice on these benefits is a greedy oracle routing the router is trained to imitate.
+        weighted by the attention mass it receives from the query rows that matter: Σ_i r_i Σ_h p_hij (‖Δv_hj‖² +
+        (q_hi·Δk_hj / √d)²), r = `relevance` [B, L] (default: every valid row). Progressive expert-choice on these
+        benefits is a greedy oracle routing the router is trained to imitate.
         """
         (wq, bq), (wk, bk), (wv, bv) = self._split_weights()
         heads, scale = self.num_heads, self.head_dim ** -0.5
         q = self._heads(F.linear(x, wq, bq), heads)
         k = self._heads(F.linear(x, wk, bk), heads)
         v = self._heads(F.linear(x, wv, bv), heads)
-        length = x.shape[1]
-        visible = valid[:, None, None, :]
-        if causal:
-            visible = visible & torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
-        probs = torch.softmax((q @ k.transpose(-1, -2) * scale).masked_fill(~visible, float("-inf")), dim=-1)
-        probs = probs.nan_to_num(0.0) * valid[:, None, :, None]
+        probs = self.attention_probs(x, valid, causal)
+        weights = valid.float() if relevance is None else relevance.to(probs.dtype)
+        probs = probs * weights[:, None, :, None]
         costs = []
         for g in self.group_sizes:
             def pooled(t: torch.Tensor) -> torch.Tensor:
@@ -252,60 +396,90 @@ class RoutedKVAttention(SharedWeightAttention):
     def _record(self, logits: torch.Tensor, assign: torch.Tensor, valid: torch.Tensor,
                 pinned: torch.Tensor | None, need_aux: bool) -> torch.Tensor | None:
         """Agreement of per-token argmax with expert-choice (always) and the aux loss (when it will be trained)."""
-        routed = valid & (assign >= 0) if pinned is None else valid & ~pinned & (assign >= 0)
-        z, target = logits[routed], assign[routed]
+        routed = valid & (assign >= 0)
+        if pinned is not None:
+            routed = routed & ~pinned
         self.last_assignment = assign.detach()
-        self.last_agreement = (z.detach().argmax(-1) == target).float().mean() if target.numel() else None
-        aux = F.cross_entropy(z, target) if (need_aux and target.numel()) else None
+        self.last_agreement = _masked_mean((logits.detach().argmax(-1) == assign).float(), routed)
+        aux = None
+        if need_aux:
+            ce = F.cross_entropy(logits.flatten(0, 1).float(), assign.clamp(min=0).flatten(), reduction="none")
+            aux = _masked_mean(ce.view_as(assign), routed)
         self.last_aux_loss = aux
         return aux
 
     # --- attention ------------------------------------------------------------------------------------------
+    def _expert_projections(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Per expert, the fused [K; V] projection with group-mean weights: one GEMM per expert. Cached while the
+        weights are frozen and unchanged (an in-place load bumps their version, a move changes their storage)."""
+        w, b = self.in_proj_weight, self.in_proj_bias
+        trainable = w.requires_grad or (b is not None and b.requires_grad)
+        key = None
+        if not trainable and not torch.compiler.is_compiling():
+            key = (w.data_ptr(), w._version, w.dtype, w.device, None if b is None else (b.data_ptr(), b._version))
+            if self._projection_cache is not None and self._projection_cache[0] == key:
+                return self._projection_cache[1]
+        _, (wk, bk), (wv, bv) = self._split_weights()
+        fused = []
+        for g in self.group_sizes:
+            pk, pbk = pooled_projection(wk, bk, self.num_heads, g)
+            pv, pbv = pooled_projection(wv, bv, self.num_heads, g)
+            fused.append((torch.cat([pk, pv]), None if pbk is None else torch.cat([pbk, pbv])))
+        if key is not None:
+            self._projection_cache = (key, [(fw.detach(), None if fb is None else fb.detach()) for fw, fb in fused])
+        return fused
+
     def attend(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
         batch, length, width = x.shape
-        if attn_mask is None:
-            causal = False
-        elif is_causal_mask(attn_mask, length):
-            causal = True
-        else:
-            raise NotImplementedError("routed_kv attention takes no mask or open_clip's causal mask")
-        valid = self._valid(batch, length, x.device)
-        logits, assign, pinned = self.route(x, valid, causal)
+        causal = self._is_causal(attn_mask, length)
+        if length >= len(self._widths):
+            self._build_tables(max(length, 2 * len(self._widths)))
+        valid, n_tokens = self._valid(batch, length, x.device)
+        logits, assign, pinned = self.route(x, valid, n_tokens, causal)
         train_router = torch.is_grad_enabled() and self.router.weight.requires_grad
         aux = self._record(logits, assign, valid, pinned, need_aux=train_router and self.aux_weight > 0)
         scores = torch.sigmoid(logits) if train_router else None
 
-        (wq, bq), (wk, bk), (wv, bv) = self._split_weights()
+        wq, bq = self._split_weights()[0]
         q = self._heads(F.linear(x, wq, bq), self.num_heads)
-        keys, values, positions = [], [], []
-        for e, g in enumerate(self.group_sizes):
-            index, pos = expert_slots(assign, e)
+        slots = expert_slot_buffers(assign, self.slot_widths(length, pinned is not None))
+        keys, values, positions, stored = [], [], [], []
+        for e, (g, (fused_w, fused_b), (index, pos)) in enumerate(zip(self.group_sizes, self._expert_projections(),
+                                                                      slots)):
             tokens = x.gather(1, index[..., None].expand(-1, -1, width))  # only this expert's tokens
-            k = self._heads(F.linear(tokens, *pooled_projection(wk, bk, self.num_heads, g)), self.num_heads // g)
-            v = self._heads(F.linear(tokens, *pooled_projection(wv, bv, self.num_heads, g)), self.num_heads // g)
+            k, v = F.linear(tokens, fused_w, fused_b).chunk(2, dim=-1)
+            k, v = self._heads(k, self.num_heads // g), self._heads(v, self.num_heads // g)
             if scores is not None:  # straight-through: factor 1 forward, router gradient backward
                 s = scores[..., e].gather(1, index).clamp_min(1e-6)
                 v = v * (s / s.detach())[:, None, :, None]
             keys.append(k)
             values.append(v)
             positions.append(pos)
+            stored.append((pos >= 0).sum() * (self.num_heads // g))
+        with torch.no_grad():
+            self.kv_heads_stored += torch.stack(stored).sum()
+            self.tokens_encoded += n_tokens.sum()
         out = routed_attention(q, keys, values, positions, self.group_sizes, causal, backend=self.backend)
         out = self._merge(out)
         if aux is not None:
-            out = _AuxLossInjection.apply(out, aux, self.aux_weight)
+            out = _AuxLossInjection.apply(out, aux, self.aux_weight * self.aux_scale)
         return out
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, group_sizes={self.group_sizes}, ratios={self.ratios}, "
-                f"pin_cls={self.pin_cls}, aux_weight={self.aux_weight}")
+                f"capacity={self.capacity}, pin_cls={self.pin_cls}, aux_weight={self.aux_weight}")
+
+
+def routed_layers(model: nn.Module, tower: str | None = None) -> list[RoutedKVAttention]:
+    return [m for m in model.modules() if isinstance(m, RoutedKVAttention) and tower in (None, m.tower)]
 
 
 def routing_stats(model: nn.Module) -> dict[str, float]:
     """Mean argmax/expert-choice agreement (and aux loss) per tower over the last forward pass of each layer."""
     per_tower: dict[str, list[float]] = {}
     aux: dict[str, list[float]] = {}
-    for m in model.modules():
-        if isinstance(m, RoutedKVAttention) and m.last_agreement is not None:
+    for m in routed_layers(model):
+        if m.last_agreement is not None:
             per_tower.setdefault(m.tower, []).append(float(m.last_agreement))
             if m.last_aux_loss is not None:
                 aux.setdefault(m.tower, []).append(float(m.last_aux_loss.detach()))
@@ -315,7 +489,10 @@ def routing_stats(model: nn.Module) -> dict[str, float]:
 
 
 def aux_loss(model: nn.Module) -> torch.Tensor | None:
-    """Sum over layers of the last forward's aux losses (None when none was computed)."""
-    losses = [m.last_aux_loss for m in model.modules() if isinstance(m, RoutedKVAttention)
-              and m.last_aux_loss is not None]
-    return torch.stack(losses).sum() if losses else None
+    """The paper's auxiliary loss of the last forward: per tower the mean over its layers (1/N·Σ_l), summed over
+    towers (None when none was computed). α is applied by the layers' injection, not here."""
+    towers: dict[str, list[torch.Tensor]] = {}
+    for m in routed_layers(model):
+        if m.last_aux_loss is not None:
+            towers.setdefault(m.tower, []).append(m.last_aux_loss)
+    return torch.stack([torch.stack(v).mean() for v in towers.values()]).sum() if towers else None

@@ -43,7 +43,7 @@ HUB_PROBE_TIMEOUT_S = 1.5
 
 def _vision_cfg(cfg: Mapping[str, Any]) -> Mapping[str, Any] | None:
     """The image tower's config of the backbone `cfg` describes, known without building it."""
-    from flbench.backbones.clip import TINY_CONFIGS
+    from flbench.backbones.tiny import TINY_CONFIGS
 
     name = str(cfg.get("name", ""))
     if name.startswith("tiny"):

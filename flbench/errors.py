@@ -34,9 +34,13 @@ def unknown_keys_message(prefix: str, unknown: Sequence[str], known: Iterable[st
     """'<prefix>.<key> is not a known key (did you mean …?); known: …' for the first unknown key (one line)."""
     known = sorted(set(known))
     key = unknown[0]
+
+    def full(name: str) -> str:
+        return f"{prefix}.{name}" if prefix else name
+
     close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
-    hint = f" (did you mean {', '.join(f'{prefix}.{k}' for k in close)}?)" if close else ""
+    hint = f" (did you mean {', '.join(full(k) for k in close)}?)" if close else ""
     more = f" (and {len(unknown) - 1} more: {', '.join(unknown[1:4])})" if len(unknown) > 1 else ""
-    name = f"{prefix}.{key}" if prefix else key
+    name = full(key)
     return (f"{name} is not a known key{hint}{more}; known keys: {', '.join(known) or '(none)'}; remove it or fix "
             f"its spelling")

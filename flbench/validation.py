@@ -1,16 +1,98 @@
-"""Checks a resolved config before any work starts, so bad input fails in one line that names the key."""
+"""Checks a resolved config before any work starts, so bad input fails in one line that names the key.
+
+Every key must be known (`check_keys`): the schema of a config group's option is its YAML file under conf/ (the
+files whose `name:` is the option's name), widened by what its code declares — a method's hyper-parameters are the
+keyword arguments of its `__init__` (`PromptMethod.hyperparameters`). A key nothing reads would otherwise ride
+along into the record and its hash: a "tuned" run that used the defaults.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
+from functools import lru_cache
+from pathlib import Path
 from typing import Any
+
+from omegaconf import OmegaConf
 
 from flbench.algorithms.base import method_class
 from flbench.datasets import LOADERS
 from flbench.datasets.partition import PARTITIONS
-from flbench.errors import ConfigError
+from flbench.errors import ConfigError, unknown_keys_message
 from flbench.fl.protocols import PROTOCOLS
 from flbench.scenarios import SCENARIOS
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+GROUPS = ("dataset", "backbone", "algorithm", "protocol", "partition", "scenario", "backend", "logger")
+# Keys an option's code reads that its YAML leaves out (set with +key=...), by (group, option name).
+OPTIONAL_KEYS: dict[tuple[str, str], tuple[str, ...]] = {
+    ("backbone", "tiny"): ("pretrain", "cache", "attention"),
+    ("backbone", "tiny-vit"): ("pretrain", "cache", "attention"),
+    ("backbone", "open_clip"): ("cache", "attention"),
+}
+
+
+@lru_cache(maxsize=None)
+def _yaml_keys(relative: str) -> frozenset[str]:
+    data = OmegaConf.to_container(OmegaConf.load(CONF_DIR / relative), resolve=False) or {}
+    return frozenset(k for k in data if k not in ("defaults", "hydra"))
+
+
+@lru_cache(maxsize=None)
+def option_keys(group: str, name: str) -> frozenset[str]:
+    """Keys of the YAML option(s) of `group` whose `name:` is `name` (several files may share a name: backbones)."""
+    keys: set[str] = set()
+    for path in sorted((CONF_DIR / group).glob("*.yaml")):
+        data = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
+        if data.get("name") == name:
+            keys |= _yaml_keys(f"{group}/{path.name}")
+    return frozenset(keys | set(OPTIONAL_KEYS.get((group, name), ())))
+
+
+def _group_keys(group: str, section: Mapping[str, Any]) -> frozenset[str] | None:
+    name = section.get("name")
+    keys = set(option_keys(group, str(name)))
+    if group == "algorithm":
+        keys |= {"name", *method_class(name).hyperparameters()}
+    return frozenset(keys) if keys else None
+
+
+def check_keys(cfg: Mapping[str, Any]) -> None:
+    """Every top-level key, every key of train/eval/checkpoint and of each group's option must be known."""
+    top = _yaml_keys("config.yaml") | set(GROUPS)
+    _refuse_unknown("", cfg, top)
+    for section in ("train", "eval", "checkpoint"):
+        if isinstance(cfg.get(section), Mapping):
+            _refuse_unknown(section, cfg[section], set(OmegaConf.load(CONF_DIR / "config.yaml")[section]))
+    for group in GROUPS:
+        section = cfg.get(group)
+        if not isinstance(section, Mapping):
+            continue
+        known = _group_keys(group, section)
+        if known is None:  # an unknown option name: _named() says so with the list of options
+            continue
+        _refuse_unknown(group, section, known, f" for {group}.name={section.get('name')}")
+
+
+def _refuse_unknown(prefix: str, section: Mapping[str, Any], known: set[str] | frozenset[str], where: str = "") -> None:
+    unknown = sorted(k for k in section if k not in known)
+    if unknown:
+        message = unknown_keys_message(prefix, unknown, known)
+        raise ConfigError(message.replace(" is not a known key", f" is not a known key{where}", 1))
+
+
+def check_finite(value: Any, path: str = "") -> None:
+    """NaN and ±inf are refused everywhere: every range check compares, and every comparison with NaN is false."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{path}={value} must be a finite number")
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            check_finite(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            check_finite(item, f"{path}[{i}]")
+
 
 REQUIRED = ("seed", "shots", "num_clients", "num_rounds", "dataset", "backbone", "algorithm", "protocol", "partition",
             "scenario", "backend", "train", "eval", "results_dir")
@@ -136,6 +218,7 @@ def validate(cfg: Mapping[str, Any]) -> None:
     missing = [key for key in REQUIRED if key not in cfg]
     if missing:
         raise ConfigError(f"config is missing {missing}; start from conf/config.yaml or `python -m flbench --cfg job`")
+    check_finite(cfg)
     for path, low, inclusive, integer in (("seed", 0, True, True), ("shots", 1, True, True),
                                           ("num_clients", 1, True, True), ("num_rounds", 0, True, True),
                                           ("train.lr", 0, False, False), ("train.batch_size", 1, True, True),
@@ -149,6 +232,7 @@ def validate(cfg: Mapping[str, Any]) -> None:
     _named(cfg, "scenario", SCENARIOS)
     _named(cfg, "backend", ["inprocess", "ray"])
     method_class(cfg["algorithm"].get("name"))
+    check_keys(cfg)
     _fl_checks(cfg)
     _execution_checks(cfg)
     position = cfg["algorithm"].get("class_token_position", "end")

@@ -8,11 +8,16 @@ start-up, no worker processes, and identical metrics to `ray` for the same seed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
+import signal
 import tempfile
+import threading
 import uuid
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -20,12 +25,15 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.task_identity import TaskIdentity
-from flbench.errors import ConfigError
+
+from flbench.errors import ClientError, ConfigError, FlbenchError
 
 log = logging.getLogger(__name__)
 
-CLIENT_ERROR_CODE = 1  # Flower's code for an exception raised inside a ClientApp
 FIRST_CLIENT_NODE_ID = 100  # Flower reserves small ids (the SuperLink is node 1)
+# Set while a federation is being torn down (a signal, or the engine failed): the ServerApp's thread stops waiting
+# for replies (PartitionOrderedGrid), instead of polling forever for clients that will never answer.
+FEDERATION_STOP = threading.Event()
 
 
 class InProcessGrid(Grid):
@@ -57,12 +65,17 @@ class InProcessGrid(Grid):
         return list(self.contexts)
 
     def _deliver(self, message: Message) -> Message:
+        """The client's reply. An exception raised by a client is deterministic here (a bad value, an unreadable
+        file): it stops the run, naming the client, instead of becoming a 'failed client' (injected failures are
+        replies, not exceptions: `protocol.failure_prob`)."""
         context = self.contexts[message.metadata.dst_node_id]
         try:
             return self.client_app(message, context)
-        except Exception as exc:  # a failing client is a failed reply, as in Flower's engines, not a crashed run
-            log.warning("client %s failed: %s", context.node_config["partition-id"], exc)
-            return Message(Error(code=CLIENT_ERROR_CODE, reason=f"{type(exc).__name__}: {exc}"), reply_to=message)
+        except FlbenchError as error:
+            raise type(error)(f"client {context.node_config['partition-id']}: {error}") from error
+        except Exception as error:
+            raise ClientError(f"client {context.node_config['partition-id']} failed: {type(error).__name__}: "
+                              f"{error}") from error
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
@@ -109,8 +122,69 @@ def run_ray(server_app: ServerApp, client_app: ClientApp, num_clients: int, cfg:
         "client_resources": {"num_cpus": float(cfg.get("client_cpus", 1)), "num_gpus": client_gpus},
     }
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_clients,
-                   backend_config=backend_config, verbose_logging=False)
+    FEDERATION_STOP.clear()
+    try:
+        _start_ray(init_args)
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_clients,
+                       backend_config=backend_config, verbose_logging=False)
+    except BaseException:
+        FEDERATION_STOP.set()  # the ServerApp thread must not outlive the engine (it would keep the process alive)
+        raise
+    finally:
+        _stop_ray(init_args.get("_temp_dir") if not cfg.get("temp_dir") else None)
+
+
+def _start_ray(init_args: Mapping[str, Any]) -> None:
+    """ray.init as Flower's Ray backend would do it (which then reuses this session), keeping the process's SIGTERM
+    handler: ray.init replaces it with one that calls sys.exit, which would skip the one-line stop (flbench.cli)."""
+    import sys
+
+    import ray
+
+    handler = signal.getsignal(signal.SIGTERM)
+    pythonpath = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
+    os.environ["PYTHONPATH"] = pythonpath  # workers import what this driver imports (as Flower's backend does)
+    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
+             **{"include_dashboard": False, "logging_level": _ray_log_level(), **init_args})
+    if threading.current_thread() is threading.main_thread() and handler is not None:
+        signal.signal(signal.SIGTERM, handler)
+
+
+def _ray_log_level() -> int:
+    """Ray's own INFO lines only with `verbose=true` (flbench.cli.setup_logging says so in FLBENCH_VERBOSE: importing
+    ray resets its logger's level, so a level set before the import does not survive)."""
+    return logging.INFO if os.environ.get("FLBENCH_VERBOSE") == "1" else logging.ERROR
+
+
+def _stop_ray(owned_temp_dir: str | None) -> None:
+    """Shut Ray down and remove the temporary folder this run created. Ray's workers finish the task they are in
+    before noticing that their raylet is gone (a minute for a client mid-round): they are this process's
+    descendants, so they are stopped here instead of being left behind."""
+    import ray
+
+    if ray.is_initialized():
+        workers = _descendants(os.getpid())
+        ray.shutdown()
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+    if owned_temp_dir:
+        shutil.rmtree(owned_temp_dir, ignore_errors=True)
+
+
+def _descendants(root: int) -> list[int]:
+    """Process ids below `root` (Linux /proc; elsewhere none are known and Ray's own shutdown has to do)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, stack = [], [root]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
 
 
 def run_federation(server_app: ServerApp, client_app: ClientApp, num_clients: int, backend: Mapping[str, Any]) -> None:

@@ -28,7 +28,7 @@ from flbench.fl.server_app import RoundLog, make_server_app
 from flbench.metrics import summarise
 from flbench.results.record import (SCHEMA_VERSION, code_version, environment, load_record, record_path,
                                     result_config, write_record)
-from flbench.results.wandb_logger import log_run
+from flbench.results.wandb_logger import log_skipped, start_session
 from flbench.validation import validate
 
 log = logging.getLogger("flbench")
@@ -88,7 +88,7 @@ def run(cfg: Mapping[str, Any], federate: Callable[[ServerApp, ClientApp], None]
     existing = load_record(path)
     if existing is not None and not cfg.get("force", False):
         log.info("skipped: a record for this config exists at %s (force=true reruns it)", path)
-        return {**existing, "skipped": True}
+        return {**existing, "skipped": True, "wandb_dir": log_skipped(cfg, existing)}
     checkpointer = Checkpointer.from_config(cfg)
     if checkpointer is not None and cfg.get("force", False):
         checkpointer.clear()  # force reruns from scratch, never from an earlier attempt's checkpoint
@@ -97,17 +97,22 @@ def run(cfg: Mapping[str, Any], federate: Callable[[ServerApp, ClientApp], None]
     torch.manual_seed(int(cfg["seed"]))
     experiment = get_experiment(cfg)
     zeroshot = _zeroshot_metrics(experiment)
-    round_log = RoundLog()
-    if experiment.method.num_trainable() > 0 and int(cfg["num_rounds"]) > 0:
-        server_app, client_app = make_server_app(cfg, round_log), make_client_app(cfg)
-        if federate is not None:
-            federate(server_app, client_app)
-        else:
-            run_federation(server_app, client_app, experiment.num_nodes, cfg["backend"])
-    else:  # nothing to learn: the run is its own round-0 evaluation
-        round_log.rounds.append({"round": 0, **experiment.evaluate_state([{}], 0, with_personal=True), "time_s": 0.0})
-    if not round_log.rounds:
-        raise RuntimeError("the federation finished without a single evaluated round (see the log above)")
+    wandb_run = start_session(cfg, _run_name(cfg, key), zeroshot)  # live: each round is logged as it ends
+    round_log = RoundLog(on_round=wandb_run.log_rounds)
+    try:
+        if experiment.method.num_trainable() > 0 and int(cfg["num_rounds"]) > 0:
+            server_app, client_app = make_server_app(cfg, round_log), make_client_app(cfg)
+            if federate is not None:
+                federate(server_app, client_app)
+            else:
+                run_federation(server_app, client_app, experiment.num_nodes, cfg["backend"])
+        else:  # nothing to learn: the run is its own round-0 evaluation
+            round_log.add({"round": 0, **experiment.evaluate_state([{}], 0, with_personal=True), "time_s": 0.0})
+        if not round_log.rounds:
+            raise RuntimeError("the federation finished without a single evaluated round (see the log above)")
+    except BaseException as error:  # failed or interrupted (SIGINT/SIGTERM: 128 + signal): the W&B run says so
+        wandb_run.abort(128 + error.signum if hasattr(error, "signum") else 1)
+        raise
 
     scenario = experiment.scenario
     record = {
@@ -120,13 +125,14 @@ def run(cfg: Mapping[str, Any], federate: Callable[[ServerApp, ClientApp], None]
         "zeroshot": zeroshot, "costs": _costs(experiment, round_log, time.perf_counter() - t0),
         "partition": _partition_stats(experiment),
         "participation": _participation(round_log), "method": _method_metrics(experiment, round_log),
+        "wandb": wandb_run.info(),
     }
     record["metrics"] = {k.removeprefix("test/"): v for k, v in record["metrics"].items()}
     write_record(path, record)
     if checkpointer is not None:
         checkpointer.clear()  # the record is the result now; checkpoints only served to get here
-    record["wandb_dir"] = log_run(cfg, round_log.rounds, record)
     log.info("record written to %s", path)
+    record["wandb_dir"] = wandb_run.finish(record)
     return record
 
 

@@ -24,9 +24,12 @@ from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy import strategy_utils
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
+from flbench.errors import ClientError
 from flbench.experiment import Experiment, derive_seed, get_experiment
+from flbench.fl.backends import FEDERATION_STOP
 from flbench.fl.checkpoint import Checkpointer
 from flbench.fl.client_app import CLIENT_META, to_state
+from flbench.fl.heterogeneity import INJECTED_FAILURE_CODE
 from flbench.fl.protocols import get_protocol, sampling_kwargs
 from flbench.scenarios import summarise_clients
 
@@ -86,6 +89,7 @@ class PartitionOrderedGrid(Grid):
         # once all `min_nodes` are there, or a late node would never get a partition id (and never be sampled).
         deadline = time.monotonic() + timeout_s
         while len(nodes) < min_nodes:
+            _check_stop()
             if time.monotonic() > deadline:
                 raise RuntimeError(f"only {len(nodes)} of {min_nodes} clients connected within {timeout_s:.0f} s")
             time.sleep(0.5)
@@ -119,7 +123,36 @@ class PartitionOrderedGrid(Grid):
         return self.grid.pull_messages(message_ids)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        return self.grid.send_and_receive(messages, timeout=timeout)
+        """Push, then pull until every reply is in (or `timeout`), as Flower's grids do, but stop waiting when the
+        federation is torn down: Flower's own loop would poll forever in the ServerApp thread after Ctrl-C."""
+        pending = set(self.grid.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while pending:
+            _check_stop()
+            got = list(self.grid.pull_messages(pending))
+            replies += got
+            pending -= {reply.metadata.reply_to_message_id for reply in got}
+            if deadline is not None and time.monotonic() > deadline:
+                break
+            if pending and not got:
+                time.sleep(0.02)
+        return replies
+
+
+def _check_stop() -> None:
+    if FEDERATION_STOP.is_set():
+        raise RuntimeError("the federation is being stopped")
+
+
+def check_client_errors(replies: list[Message], partition_of: Mapping[int, int], server_round: int) -> None:
+    """Only injected failures (`protocol.failure_prob`) may count as failed clients: any other error a client sent
+    back (the simulation engine turns a client's exception into an error reply) is deterministic and stops the run."""
+    for reply in replies:
+        if reply.has_error() and reply.error.code != INJECTED_FAILURE_CODE:
+            client = partition_of.get(reply.metadata.src_node_id, "?")
+            reason = (reply.error.reason or "").strip().splitlines()
+            raise ClientError(f"client {client} failed in round {server_round}: {reason[-1] if reason else 'error'}")
 
 
 @contextmanager
@@ -134,13 +167,15 @@ def seeded_sampling(seed: int) -> Iterator[None]:
         strategy_utils.random = shared
 
 
-def instrument(strategy: Strategy, experiment: Experiment, round_log: RoundLog) -> Strategy:
+def instrument(strategy: Strategy, experiment: Experiment, round_log: RoundLog,
+               partition_of: Mapping[int, int]) -> Strategy:
     """Wrap a Flower strategy's hooks without changing what it computes:
 
     - sample clients from a generator seeded by (seed, round), the same on every backend, and independent of
       whether clients are also asked to evaluate;
     - aggregate replies in partition order, not arrival order (float sums then do not depend on which Ray worker
-      finished first), and count sampled / failed replies for the round's row;
+      finished first), and count sampled / failed replies for the round's row (a client's own error stops the
+      run: `check_client_errors`);
     - send clients the model the server reports (PromptMethod.reported_state), for their own evaluation.
     """
     aggregate_train = strategy.aggregate_train
@@ -152,8 +187,11 @@ def instrument(strategy: Strategy, experiment: Experiment, round_log: RoundLog) 
         with seeded_sampling(derive_seed(seed, 3, server_round)):
             return list(configure_train(server_round, arrays, config, grid))
 
+    aggregate_evaluate = strategy.aggregate_evaluate
+
     def ordered_aggregate_train(server_round: int, replies: Iterable[Message]) -> Any:
         replies = sorted(replies, key=_partition_of)
+        check_client_errors(replies, partition_of, server_round)
         failures = sum(reply.has_error() for reply in replies)
         round_log.pending_train = {"sampled": len(replies), "failures": failures, "clients": len(replies) - failures}
         if failures:
@@ -165,6 +203,12 @@ def instrument(strategy: Strategy, experiment: Experiment, round_log: RoundLog) 
         with seeded_sampling(derive_seed(seed, 4, server_round)):
             return list(configure_evaluate(server_round, ArrayRecord(reported) if reported else arrays, config, grid))
 
+    def checked_aggregate_evaluate(server_round: int, replies: Iterable[Message]) -> Any:
+        replies = list(replies)
+        check_client_errors(replies, partition_of, server_round)
+        return aggregate_evaluate(server_round, replies)
+
+    strategy.aggregate_evaluate = checked_aggregate_evaluate  # type: ignore[method-assign]
     strategy.configure_train = seeded_configure_train  # type: ignore[method-assign]
     strategy.aggregate_train = ordered_aggregate_train  # type: ignore[method-assign]
     strategy.configure_evaluate = reported_configure_evaluate  # type: ignore[method-assign]
@@ -230,10 +274,12 @@ def make_server_app(cfg: Mapping[str, Any], round_log: RoundLog) -> ServerApp:
                       fraction_evaluate=1.0 if client_eval else 0.0,
                       min_evaluate_nodes=num_nodes if client_eval else 0,
                       train_metrics_aggr_fn=aggregate_train_metrics, evaluate_metrics_aggr_fn=aggregate_eval_metrics)
-        strategy = instrument(protocol.strategy(cfg["protocol"], common), experiment, round_log)
+        ordered_grid = PartitionOrderedGrid(grid, num_nodes)
+        strategy = instrument(protocol.strategy(cfg["protocol"], common), experiment, round_log,
+                              ordered_grid.partition_of)
         checkpointer = Checkpointer.from_config(cfg)  # resumes from the last checkpoint, saves new ones
         evaluate_fn = checkpointer.attach(strategy, evaluate, round_log) if checkpointer else evaluate
-        method, ordered_grid = experiment.fresh(), PartitionOrderedGrid(grid, num_nodes)
+        method = experiment.fresh()
         result = strategy.start(grid=ordered_grid, initial_arrays=ArrayRecord(method.shared_state()),
                                 num_rounds=num_rounds, train_config=ConfigRecord({}), evaluate_fn=evaluate_fn)
         round_log.final_state = to_state(result.arrays) if result.arrays is not None else {}

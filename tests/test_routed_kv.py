@@ -10,8 +10,9 @@ from torch import nn
 
 from flbench.algorithms.base import build_method
 from flbench.backbones.attention import attention_costs, sequence_lengths, swap_attention, swapped_modules
+import flbench.backbones.routed_kv as routed_kv
 from flbench.backbones.routed_kv import (RoutedKVAttention, capacities, expert_choice, expert_slots, kv_fraction,
-                                         routing_stats)
+                                         routed_layers, routing_stats)
 from helpers import random_tiny
 
 CLASSES = ["red circle", "blue square", "green star"]
@@ -183,6 +184,7 @@ def test_each_expert_projects_only_its_own_tokens(monkeypatch):
     # capacities 6, 2, 12 over group sizes 1, 2, 4: K and V each project 6*64 + 2*32 + 12*16 = 640 features
     assert kv == 2 * 2 * width * (6 * 64 + 2 * 32 + 12 * 16)
     assert kv == pytest.approx(0.5 * 2 * 2 * width * width * length)
+    assert len(calls) == 1 + 1 + 3 + 1  # router, Q, one fused K+V GEMM per expert, output projection
 
 
 def test_cost_figures_match_the_model():
@@ -268,3 +270,115 @@ def test_oracle_benefit_prefers_tokens_whose_pooling_error_is_attended():
     layer.oracle = "target"
     layer(x, x, x)
     assert layer.last_oracle_loss is not None and layer.last_oracle_loss.requires_grad
+
+
+def _text_layer(**kwargs) -> tuple[RoutedKVAttention, torch.Tensor]:
+    layer = _layer(tower="text", **kwargs)
+    layer.causal_mask = True  # as the conversion sets it after checking the tower's mask
+    return layer, torch.full((9, 9), float("-inf")).triu(1)
+
+
+def _frozen(layer: RoutedKVAttention, train_router: bool = False) -> RoutedKVAttention:
+    for p in layer.parameters():
+        p.requires_grad_(False)
+    layer.router.requires_grad_(train_router)
+    return layer
+
+
+@pytest.mark.parametrize("tower, train_router", [("vision", True), ("text", False)])
+def test_layer_compiles_without_graph_breaks_and_matches_eager(tower, train_router):
+    """torch.compile captures the whole layer (forward and, when the router trains, backward) as one graph: no
+    data-dependent Python control flow, no dynamic-shape op — hence nothing that needs a host synchronisation.
+    (fullgraph=True refuses any graph break; dynamo's own counter must stay at zero too.)"""
+    from torch._dynamo.utils import counters
+
+    if tower == "vision":
+        layer, mask, lengths = _frozen(_layer(pin_cls=True), train_router), None, None
+    else:
+        layer, mask = _text_layer()
+        layer, lengths = _frozen(layer, train_router), torch.tensor([9, 5])
+    x = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(0))
+
+    def run(module):
+        with sequence_lengths(lengths), torch.set_grad_enabled(train_router):
+            out = module(x, attn_mask=mask)[0]
+        if not train_router:
+            return out, None
+        out.pow(2).sum().backward()
+        grad, layer.router.weight.grad = layer.router.weight.grad.clone(), None
+        return out.detach(), grad
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager = run(layer)
+    compiled = run(torch.compile(layer, backend="aot_eager", fullgraph=True))
+    assert sum(counters["graph_break"].values()) == 0
+    assert torch.allclose(compiled[0], eager[0], atol=1e-6)
+    if train_router:
+        assert torch.allclose(compiled[1], eager[1], atol=1e-6)
+    torch._dynamo.reset()
+
+
+def test_forward_and_backward_never_read_a_tensor_on_the_host(monkeypatch):
+    """Every way Python code can pull a tensor's value to the host raises while the layer runs (the compile test
+    above covers what C++ would do: boolean-mask indexing, nonzero)."""
+    layer, mask = _text_layer()
+    layer = _frozen(layer, train_router=True)
+    x = torch.randn(2, 9, 64, requires_grad=True)
+    layer(x, attn_mask=mask)  # warm the pooled-weight cache and tables outside the check
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("host synchronisation")
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    with sequence_lengths(torch.tensor([9, 4])):
+        out, _ = layer(x, attn_mask=mask)
+        out.sum().backward()
+    monkeypatch.undo()
+    assert x.grad is not None and layer.router.weight.grad is not None
+
+
+def test_pooled_weights_are_cached_while_frozen(monkeypatch):
+    layer = _frozen(_layer())
+    x = torch.randn(1, 12, 64)
+    calls = []
+    real = routed_kv.pooled_projection
+    monkeypatch.setattr(routed_kv, "pooled_projection", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        first, _ = layer(x)
+        assert len(calls) == 6  # K and V of 3 experts
+        again, _ = layer(x)
+        assert len(calls) == 6 and torch.equal(first, again)  # cached
+        layer.in_proj_weight[64:].mul_(0.5)  # an in-place change (a load, an update) invalidates the cache
+        changed, _ = layer(x)
+    assert len(calls) == 12 and not torch.allclose(changed, first)
+    layer.in_proj_weight.requires_grad_(True)  # trainable (uptraining): rebuilt on every call, for autograd
+    layer(x)
+    layer(x)
+    assert len(calls) == 24
+
+
+def test_aux_loss_is_averaged_over_the_towers_layers():
+    """α/N·Σ_l: each of the text tower's 3 layers injects α/3 times its cross-entropy; checked against the CE's
+    gradient written out from the layer's logits and assignment (softmax - one-hot, averaged over real tokens), on
+    the last layer (an earlier router also hears the later layers' aux losses through its values' gate)."""
+    backbone = random_tiny("tiny")
+    swap_attention(backbone.model, {"kind": "routed_kv", "aux_weight": 0.3})
+    layers = routed_layers(backbone.model, "text")
+    assert len(layers) == 3 and all(m.aux_scale == pytest.approx(1 / 3) for m in layers)
+    inputs = {}
+    last = layers[-1]
+    last.register_forward_pre_hook(lambda m, args: inputs.setdefault("x", args[0].detach()))
+    for m in layers:
+        m.router.requires_grad_(True)
+    tokens = backbone.tokenize(["a photo of a red circle", "blue"])
+    features = backbone.encode_text_embeddings(backbone.token_embeddings(tokens), tokens.argmax(-1))
+    (features * 0).sum().backward()  # no task gradient: only the injected aux loss reaches the routers
+    x = inputs["x"] if last.batch_first else inputs["x"].transpose(0, 1)
+    logits = x @ last.router.weight.detach().T + last.router.bias.detach()
+    assign = last.last_assignment
+    real = assign >= 0
+    residual = (torch.softmax(logits, -1) - F.one_hot(assign.clamp(min=0), 3)) * real[..., None]
+    expected = 0.3 / 3 * residual.sum((0, 1)) / real.sum()
+    assert torch.allclose(last.router.bias.grad, expected, atol=1e-6)

@@ -57,6 +57,16 @@ class Split:
         return cls.of([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])
 
 
+def _check_shots(train: Split, shots: int, per_domain: bool) -> None:
+    """A class with fewer than k images gives all of them (CoOp's rule; real datasets have a few small classes), but
+    a k no class reaches would clamp every class: the key would not say what ran."""
+    groups = train.labels * (int(train.domains.max()) + 1) + train.domains if per_domain and len(train) else train.labels
+    largest = int(np.bincount(groups).max()) if len(train) else 0
+    if shots > largest:
+        raise ConfigError(f"shots={shots} but no class{' and domain' if per_domain else ''} has more than {largest} "
+                          f"training images; set shots ≤ {largest}")
+
+
 def select_per_group(split: Split, per_group: int | None, rng: np.random.Generator, per_domain: bool,
                      exclude: np.ndarray | None = None) -> np.ndarray:
     """Indices of `per_group` images per class (per class *and* domain if `per_domain`), in file order; a group with
@@ -136,6 +146,7 @@ def fewshot_splits(dataset: str, dataset_dir: Path, full: Callable[[], tuple[Spl
                 return cached
     train, val = full()
     rng = np.random.default_rng(seed)
+    _check_shots(train, shots, per_domain)
     chosen = select_per_group(train, shots, rng, per_domain)
     per_val = min(shots, val_shots) if val_shots else None
     if val is None:

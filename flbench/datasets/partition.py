@@ -30,6 +30,10 @@ def few_shot(labels: np.ndarray, shots: int, rng: np.random.Generator, pool: np.
     if shots < 1:
         raise ConfigError(f"shots={shots} must be at least 1")
     pool = np.arange(len(labels)) if pool is None else pool
+    largest = int(np.bincount(labels[pool]).max()) if len(pool) else 0
+    if shots > largest:  # every class would be clamped: the key would not say what ran
+        raise ConfigError(f"shots={shots} but no class has more than {largest} training images"
+                          f"{' in a domain' if len(pool) < len(labels) else ''}; set shots ≤ {largest}")
     chosen = []
     for c in np.unique(labels[pool]):
         members = pool[labels[pool] == c]

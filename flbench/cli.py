@@ -117,12 +117,14 @@ def exit_now(code: int, grace_s: float = 2.0) -> None:
 def main_from_config(cfg: DictConfig) -> dict:
     """Resolve, run, print the summary table. Bad input: one line on stderr, exit code 2, nothing written."""
     from flbench.run import run
-    from flbench.summary import print_summary  # after logging is configured: heavy imports follow
+    from flbench.summary import job_banner, print_summary  # after logging is configured: heavy imports follow
 
     setup_logging(bool(cfg.get("verbose", False)))
     try:
         with stop_on_signals():
             resolved = OmegaConf.to_container(cfg, resolve=True)
+            if banner := job_banner(resolved):  # "job 3/24: …" in a multirun
+                log.info(banner)
             if resolved.get("cache_dir"):
                 os.environ["FLBENCH_CACHE"] = str(resolved["cache_dir"])
             record = run(resolved)

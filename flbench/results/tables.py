@@ -169,15 +169,18 @@ def _check_cell(records: Sequence[Mapping[str, Any]], label: str) -> None:
         raise ReportError(f"{label} holds two records with the same seed and config; delete the stale one")
 
 
-def metric_names(records: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Reported metrics in first-seen order, HM after the pair it combines."""
-    names: list[str] = []
-    for record in records:
-        names += [m for m in record["metrics"] if m not in names]
-    # Headline metrics (global, base, novel, …) before their breakdowns (domain/photo, …); HM after its pair.
+def order_metrics(names: Sequence[str]) -> list[str]:
+    """The one metric order of tables, plots and the run summary: headline metrics (global, base, novel, …) before
+    their breakdowns (domain/photo, …), the HM pairs first, HM last; otherwise first-seen order."""
+    names = list(dict.fromkeys(names))
     first = [m for pair in HM_PAIRS for m in pair if m in names]
     return sorted(names, key=lambda m: (m == "hm", "/" in m, first.index(m) if m in first else len(first),
                                         names.index(m)))
+
+
+def metric_names(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Reported metrics of `records`, in `order_metrics` order."""
+    return order_metrics([m for record in records for m in record["metrics"]])
 
 
 def _hm_pair(metrics: Sequence[str]) -> tuple[str, str] | None:

@@ -177,7 +177,7 @@ class WandbSession:
         self.run.finish()
         self.run = None
         check_run_folder(folder)
-        log.info("W&B run (%s) in %s%s", self.mode, folder,
+        log.debug("W&B run (%s) in %s%s", self.mode, folder,
                  f" — upload it with: wandb sync {folder}" if self.mode == "offline" else "")
         return folder
 
@@ -282,7 +282,7 @@ def run_file_complete(path: str | Path) -> bool:
     return False
 
 
-def check_run_folder(folder: str | Path, wait_s: float = 15.0) -> None:
+def check_run_folder(folder: str | Path, wait_s: float = 5.0) -> None:
     """Raise StorageError unless the run folder's `.wandb` file is complete (full disk, failed write). W&B's service
     process may still be writing the last records when `finish()` returns: wait up to `wait_s` for them."""
     deadline = time.monotonic() + wait_s

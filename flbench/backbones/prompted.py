@@ -1,9 +1,9 @@
 """Prompted forward passes through a frozen open_clip CLIP: visual prompt tokens, deep text prompts, local features.
 
 Prompt methods that reach inside the towers (VPT, MaPLe, PromptSRC on the image side; PLOT and FedOTP for local
-features) go through these functions instead of `FrozenCLIP.encode_image`. Each one walks the tower's blocks itself
-but calls every block through its normal `forward`, so an attention variant swapped into the blocks
-(`backbones/attention.py`) keeps working; nothing here reimplements a transformer block.
+features, PLOT++ for its visual-prompt groups) go through these functions instead of `FrozenCLIP.encode_image`. Each
+one walks the tower's blocks itself but calls every block through its normal `forward`, so an attention variant
+swapped into the blocks (`backbones/attention.py`) keeps working; nothing here reimplements a transformer block.
 
 Conventions, shared by VPT, MaPLe and PromptSRC:
 - visual prompts are tokens appended after the [CLS] and patch tokens at the *input of a block*, without positional
@@ -95,6 +95,26 @@ def encode_image_prompted(backbone: FrozenCLIP, images: torch.Tensor,
     if visual.proj is not None:
         pooled, tokens = pooled @ visual.proj, tokens @ visual.proj
     return (pooled, tokens) if return_tokens else pooled
+
+
+def encode_image_prompt_groups(backbone: FrozenCLIP, images: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """PLOT++'s local features of a ViT [B, M, D]: one pass per visual-prompt group, each with its own shallow prompt
+    `groups[m]` ([M, P, W]) at block 0, read at [CLS] (ln_post, projection) — M global views of each image.
+
+    The patch embedding runs once; the M prompted sequences go through the blocks as one batch of M·B.
+    """
+    require_vit(backbone, "plot")
+    visual = backbone.model.visual
+    x = visual._embeds((images - backbone.mean) / backbone.std)  # [B, 1+P, W], through ln_pre
+    batch, groups_n = x.shape[0], groups.shape[0]
+    prompts = visual.ln_pre(groups.to(x.dtype))  # block-0 prompts pass through ln_pre, as the patch tokens
+    x = torch.cat([x.unsqueeze(0).expand(groups_n, -1, -1, -1),
+                   prompts.unsqueeze(1).expand(-1, batch, -1, -1)], dim=2).flatten(0, 1)  # [M·B, 1+P+n, W]
+    x = _blocks(visual.transformer, x, None, lambda i, h: h)
+    pooled, _ = visual._pool(x[:, :-groups.shape[1]])
+    if visual.proj is not None:
+        pooled = pooled @ visual.proj
+    return pooled.view(groups_n, batch, -1).transpose(0, 1)
 
 
 def _attnpool_all(pool: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,7 @@
-"""Sweeps: a synthetic twin per table with seeds in its grid; a 4-job synthetic multirun writes four records in one
-W&B group, and running the same command again skips all four (grid validity: test_sweep_grids.py)."""
+"""Sweeps: a synthetic twin per table with seeds in its grid; a 4-job synthetic multirun writes four records and four
+live W&B runs in one group (tags, zero-shot summary, rounds logged as they end, job counter, Hydra's launch line for
+job 0), and running the same command again skips all four — and still logs them, as `skipped` runs in the group
+(grid validity: test_sweep_grids.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import pytest
 import yaml
 
 from helpers import SMALL
+from wandb_files import offline_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted((ROOT / "conf" / "experiment").glob("*.yaml"))
@@ -82,7 +85,26 @@ def test_four_job_sweep_writes_four_records_and_four_wandb_runs_and_rerun_skips_
     assert len(records) == 4
     seen = {(r["config"]["algorithm"]["name"], r["seed"]) for r in map(lambda p: json.loads(p.read_text()), records)}
     assert seen == {("coop", 0), ("coop", 1), ("zeroshot", 0), ("zeroshot", 1)}
-    assert len(list((results / "wandb").glob("wandb/offline-run-*/run-*.wandb"))) == 4, "one W&B run per job"
+    assert not (results / "wandb" / "wandb").exists(), "runs belong in <results_dir>/wandb/, not wandb/wandb/"
+    runs = offline_runs(results)
+    assert len(runs) == 4, "one W&B run per job"
+    for run in runs:
+        assert run["group"] == "synthetic_global" and run["job_type"] == "run"
+        method = run["name"].split("-")[0]
+        assert {f"method:{method}", "protocol:fedavg", "scenario:global", "dataset:synthetic",
+                "backbone:tiny"} <= set(run["tags"])
+        assert "zeroshot/global" in run["summary"] and "global/best_val" in run["summary"]
+    coop = next(run for run in runs if run["name"].startswith("coop-"))
+    assert [row["_step"] for row in coop["history"]] == [0, 1, 2]
+    # live: rows were logged as their rounds ended, not all at once after training
+    logged = coop["history"][-1]["_timestamp"] - coop["history"][0]["_timestamp"]
+    trained = coop["history"][-1]["time_s"] - coop["history"][0]["time_s"]
+    assert logged >= 0.5 * trained > 0, (logged, trained)
+    for number in range(1, 5):
+        assert f"job {number}/4: " in first.stdout, first.stdout[-3000:]
+    assert "\t#0 : " in first.stdout and "Launching 4 jobs locally" in first.stdout, "Hydra's launch line for job 0"
+    assert first.stdout.count("test accuracy (%)") == 4 and "wandb sync " in first.stdout
+    assert "alembic" not in (first.stdout + first.stderr).lower()
     stamps = [p.stat().st_mtime_ns for p in records]
 
     again = _multirun(args, ROOT)
@@ -90,3 +112,8 @@ def test_four_job_sweep_writes_four_records_and_four_wandb_runs_and_rerun_skips_
     assert again.stdout.count("(skipped: record already existed)") == 4
     assert "round   1/2" not in again.stdout, "a skipped job must not train"
     assert [p.stat().st_mtime_ns for p in records] == stamps
+    skipped = offline_runs(results)[4:]
+    assert len(skipped) == 4 and all(r["job_type"] == "skipped" and r["group"] == "synthetic_global"
+                                     for r in skipped), "skipped jobs still appear in the sweep's W&B group"
+    replay = next(run for run in skipped if run["name"].startswith("coop-"))
+    assert [row["_step"] for row in replay["history"]] == [0, 1, 2] and replay["summary"]["skipped"] is True

@@ -1,21 +1,23 @@
 """Paper-style tables as pure functions of RunRecords: group, average over seeds, render.
 
 A table has one row per value of the `rows` config keys (e.g. `algorithm.name`) and one block of metric columns
-per value of the `columns` keys (e.g. `dataset.family`). Each cell is mean ± sample std over the records in it,
-which must differ in nothing but their seed: a cell that would mix two configurations is refused with a message
-naming the keys that differ, so a number in a table always means one thing.
+per value of the `columns` keys (e.g. `dataset.family`). Each cell is the mean over the records in it ± their spread
+(sample std by default; standard error or a Student-t 95 % confidence interval on request) with its n, and those
+records must differ in nothing but their seed: a cell that would mix two configurations is refused with a message
+naming the keys that differ, so a number in a table always means one thing. A record file that cannot be read is
+never dropped silently: the report refuses, or (asked to skip) names every skipped file in the table's notes.
 
 Rules the numbers follow (the same as CoOp / CoCoOp / MaPLe tables):
 - HM is the harmonic mean of the *averaged* base and novel accuracies, never the mean of per-seed HMs.
 - The zero-shot row comes from the records' own `zeroshot` block (same backbone, same test splits).
-- Best per column in bold: the highest accuracy; the lowest cost (the zero-shot row takes no part in cost columns).
+- Best per column in bold: the highest accuracy; the lowest cost (the zero-shot row takes no part in cost columns);
+  nothing in bold when the best value is shared (a tie points at nobody).
+- A value identical over all seeds (zero-shot, deterministic methods) has no "± 0.00".
+Rendering (markdown / LaTeX / CSV / HTML) is in render.py; human names for keys and metrics in labels.py.
 """
 
 from __future__ import annotations
 
-import csv
-import html
-import io
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -27,9 +29,11 @@ import numpy as np
 
 from flbench.errors import ConfigError
 from flbench.metrics import harmonic_mean
-from flbench.results.record import load_record, result_config
+from flbench.results.labels import key_label, metric_label, value_label
+from flbench.results.record import result_config
 
 SELECTIONS = ("best_val", "last")
+SPREADS = {"std": "sample std", "se": "standard error", "ci95": "95 % CI (Student t)"}
 # "hm" is recomputed from the averaged pair it is the harmonic mean of (first pair present wins).
 HM_PAIRS = (("base", "novel"), ("global", "personal"))
 # Config groups whose values change the zero-shot numbers; rows keyed by them get one zero-shot row per value.
@@ -42,17 +46,67 @@ class ReportError(ConfigError):
 
 
 # --- records --------------------------------------------------------------------------------------------------
-def load_records(results_dir: str | Path) -> list[dict[str, Any]]:
-    """Every complete RunRecord under `results_dir/records` (or `results_dir` itself when it holds the JSONs)."""
+def records_folder(results_dir: str | Path) -> Path:
     root = Path(results_dir)
     folder = root / "records" if (root / "records").is_dir() else root
     if not folder.is_dir():
         raise ReportError(f"no records folder at {root}: run `python -m flbench results_dir={root}` first")
-    records = [r for r in (load_record(p) for p in sorted(folder.glob("*.json"))) if r is not None]
+    return folder
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    """One record file as data (JSON only); ValueError says why it cannot be used."""
+    try:
+        record = json.loads(path.read_text())
+    except OSError as error:
+        raise ValueError(f"unreadable ({error.strerror or error})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"not JSON ({getattr(error, 'msg', error)})") from None
+    if not isinstance(record, dict) or record.get("complete") is not True:
+        raise ValueError("incomplete (not marked complete)")
+    missing = [k for k in ("config", "metrics", "seed") if k not in record]
+    if missing:
+        raise ValueError(f"not a RunRecord (no {', '.join(missing)})")
+    return record
+
+
+def scan_records(results_dir: str | Path) -> tuple[list[tuple[Path, dict[str, Any]]], list[tuple[Path, str]]]:
+    """([(file, RunRecord)] under `results_dir/records` or `results_dir`, [(file, why it is not usable)])."""
+    records, unusable = [], []
+    for path in sorted(records_folder(results_dir).glob("*.json")):
+        try:
+            records.append((path, _read_record(path)))
+        except ValueError as error:
+            unusable.append((path, str(error)))
+    return records, unusable
+
+
+def read_records(results_dir: str | Path) -> tuple[list[dict[str, Any]], list[tuple[Path, str]]]:
+    records, unusable = scan_records(results_dir)
+    return [record for _, record in records], unusable
+
+
+def load_records(results_dir: str | Path, skip_unreadable: bool = False
+                 ) -> tuple[list[dict[str, Any]], list[tuple[Path, str]]]:
+    """(records, skipped files). A file that is not a complete RunRecord is refused unless `skip_unreadable`: a
+    table must never average 3 of 4 seeds without saying so."""
+    folder = records_folder(results_dir)
+    records, unusable = read_records(results_dir)
+    if unusable and not skip_unreadable:
+        path, why = unusable[0]
+        more = f" and {len(unusable) - 1} more" if len(unusable) > 1 else ""
+        raise ReportError(f"{len(unusable)} of {len(records) + len(unusable)} record files in {folder} cannot be used: "
+                          f"{path.name} is {why}{more}; repair or delete them, or pass --skip-unreadable to tabulate "
+                          f"the other {len(records)} (skipped files are then named in the table's notes)")
     if not records:
-        raise ReportError(f"no complete RunRecords in {folder}: run `python -m flbench results_dir={root}` first "
-                          "(incomplete or corrupt files are never read)")
-    return records
+        raise ReportError(f"no complete RunRecords in {folder}: run `python -m flbench results_dir={folder.parent}` "
+                          "first (incomplete or corrupt files are never read)")
+    return records, unusable
+
+
+def skipped_note(unusable: Sequence[tuple[Path, str]]) -> str:
+    return (f"{len(unusable)} record file(s) skipped (--skip-unreadable): " +
+            "; ".join(f"{path.name}: {why}" for path, why in unusable))
 
 
 def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -109,13 +163,37 @@ class Cell:
     n: int = 0
     bold: bool = False
 
+    @property
+    def constant(self) -> bool:
+        """Identical over all its seeds (zero-shot, a deterministic method): no spread to print."""
+        return self.std is not None and self.n > 1 and self.std == 0.0
+
+    def spread(self, kind: str = "std") -> float | None:
+        """Half-width of the ± band: the sample std, its standard error, or a Student-t 95 % CI of the mean."""
+        if self.std is None or self.n < 2:
+            return None
+        if kind == "std":
+            return self.std
+        se = self.std / math.sqrt(self.n)
+        return se if kind == "se" else se * t_quantile_975(self.n - 1)
+
+
+def t_quantile_975(dof: int) -> float:
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, dof))
+
 
 @dataclass
 class Column:
-    label: str
+    label: str  # the key: metric name (with its block), or efficiency column name
     kind: str  # "accuracy" (higher is better) | "cost" (lower is better) | "count"
     unit: str = ""
     digits: int = 2
+    title: str = ""  # what a reader sees: "Base", "shapes · HM", "trainable params"
+
+    def __post_init__(self) -> None:
+        self.title = self.title or self.label
 
 
 @dataclass
@@ -126,6 +204,8 @@ class Table:
     cells: list[list[Cell]]
     caption: str = ""
     notes: list[str] = field(default_factory=list)
+    spread: str = "std"  # std | se | ci95: what ± shows
+    show_n: bool = False  # n in every cell (cells differ in n, or files were skipped); else n is in the caption
 
     def value(self, row: Sequence[str], column: str) -> Cell:
         """The cell at a row label tuple and column label (handy in tests and notebooks)."""
@@ -170,12 +250,12 @@ def _check_cell(records: Sequence[Mapping[str, Any]], label: str) -> None:
 
 
 def order_metrics(names: Sequence[str]) -> list[str]:
-    """The one metric order of tables, plots and the run summary: headline metrics (global, base, novel, …) before
-    their breakdowns (domain/photo, …), the HM pairs first, HM last; otherwise first-seen order."""
+    """The one metric order of tables, plots and the run summary, whatever order a record's JSON keeps: headline
+    metrics (global, base, novel, …) before their breakdowns (domain/photo, …), the HM pairs first, HM last,
+    otherwise alphabetical."""
     names = list(dict.fromkeys(names))
     first = [m for pair in HM_PAIRS for m in pair if m in names]
-    return sorted(names, key=lambda m: (m == "hm", "/" in m, first.index(m) if m in first else len(first),
-                                        names.index(m)))
+    return sorted(names, key=lambda m: (m == "hm", "/" in m, first.index(m) if m in first else len(first), m))
 
 
 def metric_names(records: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -249,12 +329,16 @@ def _efficiency_columns(records: Sequence[Mapping[str, Any]]) -> list[tuple[str,
 
 def build_table(records: Sequence[Mapping[str, Any]], rows: Sequence[str] = ("algorithm.name",),
                 columns: Sequence[str] = (), metrics: Sequence[str] | None = None, selection: str = "best_val",
-                zeroshot: bool = True, efficiency: bool = True, caption: str = "") -> Table:
-    """The table of `records` (already filtered): rows × (column blocks × metrics) + efficiency columns."""
+                zeroshot: bool = True, efficiency: bool = True, caption: str = "", spread: str = "std",
+                show_n: bool | None = None) -> Table:
+    """The table of `records` (already filtered): rows × (column blocks × metrics) + efficiency columns.
+    `show_n=None`: n in every cell when cells differ in n, else once in the caption."""
     if not records:
         raise ReportError("no records to tabulate (empty folder or filters matched nothing)")
     if selection not in SELECTIONS:
         raise ReportError(f"--selection {selection!r} is unknown; choose one of {SELECTIONS}")
+    if spread not in SPREADS:
+        raise ReportError(f"--spread {spread!r} is unknown; choose one of {sorted(SPREADS)}")
     known = set().union(*(record_fields(r) for r in records))
     for key in (*rows, *columns):
         if key not in known:
@@ -266,7 +350,10 @@ def build_table(records: Sequence[Mapping[str, Any]], rows: Sequence[str] = ("al
 
     blocks = list(group_records(records, columns)) if columns else [()]
     block_label = {b: " · ".join(b) for b in blocks}
-    out_columns = [Column(f"{block_label[b]} · {m}" if b else m, "accuracy") for b in blocks for m in metrics]
+    block_title = {b: " · ".join(value_title(k, v) for k, v in zip(columns, b)) for b in blocks}
+    out_columns = [Column(f"{block_label[b]} · {m}" if b else m, "accuracy",
+                          title=f"{block_title[b]} · {metric_label(m)}" if b else metric_label(m))
+                   for b in blocks for m in metrics]
     eff = _efficiency_columns(records) if efficiency else []
     out_columns += [Column(label, "cost", unit, digits) for label, unit, digits, _ in eff]
     notes = ["efficiency columns average over all of a row's column blocks"] if eff and len(blocks) > 1 else []
@@ -300,9 +387,22 @@ def build_table(records: Sequence[Mapping[str, Any]], rows: Sequence[str] = ("al
         table_rows, cells = [table_rows[i] for i in order], [cells[i] for i in order]
 
     _embolden(out_columns, table_rows, cells)
+    counts = {c.n for line, row in zip(cells, table_rows) if not is_zeroshot_row(row) for c, col in
+              zip(line, out_columns) if c.mean is not None and col.kind == "accuracy"}
+    show = len(counts) > 1 if show_n is None else show_n
     chosen = "best-by-validation" if selection == "best_val" else "last"
-    return Table(list(rows), table_rows, out_columns, cells,
-                 caption or f"mean ± std over seeds (sample std, n = seeds); metrics at the {chosen} round", notes)
+    seeds = f"n = {counts.pop()} seeds per cell" if len(counts) == 1 and not show else "n seeds in each cell"
+    caption = caption or (f"test accuracy (%), mean ± {SPREADS[spread]} over seeds ({seeds}; no ± where all seeds "
+                          f"agree); metrics at the {chosen} round")
+    return Table(list(rows), table_rows, out_columns, cells, caption, notes, spread, show)
+
+
+def value_title(key: str, value: str) -> str:
+    return value_label(key, value)
+
+
+def row_titles(table: Table) -> list[str]:
+    return [key_label(k) for k in table.row_keys]
 
 
 def _zeroshot_rows(records: Sequence[Mapping[str, Any]], rows: Sequence[str], columns: Sequence[str],
@@ -347,93 +447,7 @@ def _embolden(columns: Sequence[Column], rows: Sequence[tuple[str, ...]], cells:
             continue
         values = [round(v, column.digits if column.kind == "cost" else 2) for _, v in candidates]
         best = max(values) if column.kind == "accuracy" else min(values)
-        if column.kind == "cost" and len(set(values)) == 1:
-            continue  # all equal: nothing to point at
+        if values.count(best) > 1:
+            continue  # a tie (as printed) points at nobody
         for (i, _), v in zip(candidates, values):
             cells[i][j].bold = v == best
-
-
-# --- rendering ----------------------------------------------------------------------------------------------------
-def format_cell(cell: Cell, column: Column, plus_minus: str = " ± ") -> str:
-    if cell.mean is None or (isinstance(cell.mean, float) and math.isnan(cell.mean)):
-        return "–"
-    if column.kind == "cost":
-        return f"{cell.mean:,.{column.digits}f}"
-    text = f"{cell.mean:.{column.digits}f}"
-    return text + (f"{plus_minus}{cell.std:.{column.digits}f}" if cell.std is not None else "")
-
-
-def _header(table: Table) -> list[str]:
-    return [*table.row_keys, *(c.label for c in table.columns)]
-
-
-def to_markdown(table: Table) -> str:
-    lines = ["| " + " | ".join(_header(table)) + " |",
-             "|" + "|".join(["---"] * len(table.row_keys) + ["---:"] * len(table.columns)) + "|"]
-    for row, line in zip(table.rows, table.cells):
-        texts = [f"**{format_cell(c, col)}**" if c.bold else format_cell(c, col) for c, col in zip(line, table.columns)]
-        lines.append("| " + " | ".join([*row, *texts]) + " |")
-    foot = [f"\n_{table.caption}_"] + [f"_{n}_" for n in table.notes] if table.caption or table.notes else []
-    return "\n".join(lines + foot) + "\n"
-
-
-_LATEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "_": r"\_", "#": r"\#", "$": r"\$", "{": r"\{",
-          "}": r"\}", "±": r"$\pm$", "–": "--", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
-
-
-def _latex_escape(text: str) -> str:
-    return "".join(_LATEX.get(ch, ch) for ch in text)
-
-
-def to_latex(table: Table) -> str:
-    """A booktabs tabular (needs \\usepackage{booktabs})."""
-    spec = "l" * len(table.row_keys) + "r" * len(table.columns)
-    lines = [r"\begin{tabular}{" + spec + "}", r"\toprule",
-             " & ".join(_latex_escape(h) for h in _header(table)) + r" \\", r"\midrule"]
-    for row, line in zip(table.rows, table.cells):
-        texts = []
-        for c, col in zip(line, table.columns):
-            text = format_cell(c, col, plus_minus=r" $\pm$ ").replace("–", "--").replace(",", "{,}")
-            texts.append(rf"\textbf{{{text}}}" if c.bold else text)
-        lines.append(" & ".join([*(_latex_escape(r) for r in row), *texts]) + r" \\")
-    lines += [r"\bottomrule", r"\end{tabular}"]
-    if table.caption:
-        lines.append(f"% {table.caption}")
-    return "\n".join(lines) + "\n"
-
-
-def to_csv(table: Table) -> str:
-    """Machine-readable: mean, std and n as separate columns, full precision, no formatting."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow([*table.row_keys, *(f"{c.label} {s}" for c in table.columns for s in ("mean", "std", "n"))])
-    for row, line in zip(table.rows, table.cells):
-        writer.writerow([*row, *(x for c in line for x in ("" if c.mean is None else c.mean,
-                                                            "" if c.std is None else c.std, c.n))])
-    return buffer.getvalue()
-
-
-def to_html(table: Table, title: str = "flbench results") -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in _header(table))
-    body = []
-    for row, line in zip(table.rows, table.cells):
-        tds = [f"<td>{html.escape(r)}</td>" for r in row]
-        for c, col in zip(line, table.columns):
-            text = html.escape(format_cell(c, col))
-            tds.append(f"<td class=num>{'<b>' + text + '</b>' if c.bold else text}</td>")
-        body.append("<tr>" + "".join(tds) + "</tr>")
-    notes = "".join(f"<p><i>{html.escape(n)}</i></p>" for n in [table.caption, *table.notes] if n)
-    return (f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}</title><style>"
-            "table{border-collapse:collapse;font-family:sans-serif}td,th{border:1px solid #ccc;padding:4px 8px}"
-            "td.num{text-align:right}</style></head><body>"
-            f"<h1>{html.escape(title)}</h1><table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody>"
-            f"</table>{notes}</body></html>\n")
-
-
-RENDERERS = {"markdown": to_markdown, "latex": to_latex, "csv": to_csv, "html": to_html}
-
-
-def render(table: Table, fmt: str) -> str:
-    if fmt not in RENDERERS:
-        raise ReportError(f"--format {fmt!r} is unknown; choose one of {sorted(RENDERERS)}")
-    return RENDERERS[fmt](table)

@@ -125,7 +125,7 @@ def run(cfg: Mapping[str, Any], federate: Callable[[ServerApp, ClientApp], None]
         "zeroshot": zeroshot, "costs": _costs(experiment, round_log, time.perf_counter() - t0),
         "partition": _partition_stats(experiment),
         "participation": _participation(round_log), "method": _method_metrics(experiment, round_log),
-        "wandb": wandb_run.info(),
+        "wandb": wandb_run.info(), "data": experiment.bundle.provenance,  # e.g. a generated split's SHA-256
     }
     record["metrics"] = {k.removeprefix("test/"): v for k, v in record["metrics"].items()}
     write_record(path, record)

@@ -153,3 +153,43 @@ def make_cifar_root(base: Path, dataset: str = "cifar10", train_per_class: int =
     with open(folder / ("meta" if fine else "batches.meta"), "wb") as handle:
         pickle.dump(meta, handle)
     return base
+
+
+def make_raw_coop_root(base: Path, dataset: str, num_classes: int = 3, per_class: int = 10) -> Path:
+    """`base/<CoOp folder>/` as the dataset's authors ship it, without CoOp's split file: one folder per class
+    (Caltech101 with CoOp's two ignored folders and a class CoOp renames; EuroSAT with its CamelCase names), the
+    official trainval/test lists (OxfordPets), or imagelabels.mat + cat_to_name.json (OxfordFlowers)."""
+    spec = SPECS[dataset]
+    directory = base / spec.directory
+    image_dir = directory / spec.images if spec.images else directory
+    if dataset == "oxford_pets":
+        lines = {"trainval.txt": [], "test.txt": []}
+        for label in range(num_classes):
+            breed = f"Breed_{'abc'[label % 3]}{label}"
+            for i in range(per_class):
+                name = f"{breed}_{i + 1}"
+                write_image(image_dir / f"{name}.jpg", label)
+                lines["test.txt" if i % 3 == 2 else "trainval.txt"].append(f"{name} {label + 1} 1 {i + 1}\n")
+        (directory / "annotations").mkdir(parents=True, exist_ok=True)
+        for file, rows in lines.items():
+            (directory / "annotations" / file).write_text("".join(rows))
+        return base
+    if dataset == "oxford_flowers":
+        from scipy.io import savemat
+
+        labels = [1 + (i % num_classes) for i in range(num_classes * per_class)]  # interleaved, 1-based
+        for index, label in enumerate(labels):
+            write_image(image_dir / f"image_{index + 1:05d}.jpg", label - 1)
+        savemat(directory / "imagelabels.mat", {"labels": np.asarray([labels], dtype=np.uint8)})
+        (directory / "cat_to_name.json").write_text(json.dumps({str(c + 1): f"flower {c}" for c in range(num_classes)}))
+        return base
+    names = {"caltech101": ["BACKGROUND_Google", "Faces_easy", "Faces", "accordion", "airplanes"],
+             "eurosat": ["AnnualCrop", "Forest", "SeaLake"]}.get(dataset, [f"{dataset}_class_{c}"
+                                                                          for c in range(num_classes)])
+    kept = [n for n in names if n not in ("BACKGROUND_Google", "Faces_easy")]
+    for name in names:
+        label = kept.index(name) if name in kept else 0
+        for i in range(per_class):
+            write_image(image_dir / name / f"{name.lower()}_{i:03d}.jpg", label)
+    (image_dir / ".DS_Store").write_text("not a class")  # hidden entries are never classes
+    return base

@@ -196,9 +196,10 @@ def test_cli_with_a_broken_root_prints_one_line_and_writes_nothing(tmp_path):
     (root / "oxford_flowers" / "jpg" / "oxford_flowers_class_0" / "train_0.jpg").unlink()
     results = tmp_path / "results"
     env = {**os.environ, "FLBENCH_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    # shots=16 > images per class: the pool is the whole training split, so the missing image is needed
+    # shots=5 = images per class: the pool is the whole training split, so the missing image is needed (more shots
+    # than a class has are refused before the data is read)
     proc = subprocess.run([sys.executable, "-m", "flbench", "dataset=oxford_flowers", f"dataset.root={root}",
-                           "dataset.num_classes=3", "shots=16", f"results_dir={results}", "logger.mode=disabled"],
+                           "dataset.num_classes=3", "shots=5", f"results_dir={results}", "logger.mode=disabled"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()

@@ -74,6 +74,8 @@ class DatasetBundle:
     # Labels the test split is scored over when it covers only some classes (ImageNet-A/-R: 200 of ImageNet's 1000,
     # labels kept in ImageNet order); scenarios pass it to `class_subset` so logits exist only for these. None: all.
     test_classes: list[int] | None = None
+    # Where the data came from, for the record (e.g. a CoOp split file's SHA-256, and whether flbench generated it).
+    provenance: dict = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from flbench.datasets.base import DatasetBundle
+from flbench.datasets.coop_splits import GENERATORS, split_provenance
 from flbench.datasets.fewshot import Split
 from flbench.datasets.files import RawDataset, build_bundle, check_root
 from flbench.datasets.templates import templates_for
@@ -77,8 +78,12 @@ def read_split_file(dataset: str, path: Path, drop: tuple[str, ...], num_classes
                     ) -> tuple[list[str], dict[str, Split]]:
     """CoOp's split_zhou_*.json → class names (label order) and train/val/test lists."""
     if not path.is_file():
+        generate = (f", or generate one from the images by CoOp's procedure: `python -m flbench.prepare {dataset} "
+                    f"--root {path.parent.parent} --generate-split` (records then say the split was generated)"
+                    if dataset in GENERATORS else "")
         raise ConfigError(f"dataset {dataset}: split file {path.name} not found in {path.parent}; download CoOp's "
-                          f"split file into that folder (`python -m flbench.prepare {dataset}` prints the steps)")
+                          f"split file into that folder (`python -m flbench.prepare {dataset}` prints the steps)"
+                          f"{generate}")
     try:
         payload = json.loads(path.read_text())
         entries = {split: [(str(r[0]), int(r[1]), str(r[2])) for r in payload[split]]
@@ -126,9 +131,13 @@ def read_coop(dataset: str, root: Any, num_classes: int | None = None) -> RawDat
         classnames, splits = read_aircraft(dataset, directory, expected)
     else:
         classnames, splits = read_split_file(dataset, directory / spec.split_file, spec.drop, expected)
+    provenance = {"split": split_provenance(directory / spec.split_file)} if dataset != "fgvc_aircraft" else {}
+    generated = (provenance.get("split") or {}).get("generated")
+    # Few-shot subsets are cached per split: a generated split's never stand in for the official one's, or another's.
+    tag = f"generated-{provenance['split']['sha256'][:12]}" if generated else ""
     return RawDataset(dataset, data_root, directory, directory / spec.images if spec.images else directory,
                       classnames, full_train=lambda: (splits["train"], splits["val"]), test=splits["test"],
-                      domain_names=[dataset])
+                      domain_names=[dataset], cache_tag=tag, provenance=provenance)
 
 
 def load_coop(dataset: str, root: Any = None, shots: int | None = 16, fewshot_seed: int = 0, val_shots: int | None = 4,

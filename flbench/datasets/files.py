@@ -201,6 +201,7 @@ class RawDataset:
     test_classes: list[int] | None = None
     per_domain: bool = False
     cache_tag: str = ""     # distinguishes few-shot files of different selections (DomainNet domains/classes)
+    provenance: dict = field(default_factory=dict)  # e.g. {"split": {file, sha256, generated}}: into every record
 
 
 def check_root(dataset: str, root: str | os.PathLike | None, directory: str, marker: str | None = None
@@ -236,4 +237,4 @@ def build_bundle(raw: RawDataset, shots: int | None, fewshot_seed: int, val_shot
     log.info("%s: %d classes, %d train / %d val / %d test images at %d px", raw.name, len(raw.classnames),
              len(train), len(val), len(raw.test), size)
     return DatasetBundle(name=raw.name, classnames=list(raw.classnames), domain_names=list(raw.domain_names),
-                         templates=templates, test_classes=raw.test_classes, **sets)
+                         templates=templates, test_classes=raw.test_classes, provenance=dict(raw.provenance), **sets)

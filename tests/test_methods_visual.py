@@ -152,11 +152,17 @@ def test_plot_logits_are_the_ot_score_under_a_plan_with_uniform_marginals(vit, i
 
 
 def test_plot_trains_only_its_prompts_and_counts(vit, images):
-    plot = build_method("plot", vit, CLASSES, TEMPLATE, {"n_prompts": 4, "n_ctx": 4})
+    """PLOT++ (the ViT default) trains text and visual prompts; with frozen patch tokens only the text prompts."""
+    text_width, _, vision_width, _ = _dims(vit)
+    plotpp = build_method("plot", vit, CLASSES, TEMPLATE, {"n_prompts": 4, "n_ctx": 4})
+    _backward(plotpp, images)
+    assert _trainable(plotpp) == {"ctx", "ctx_vision"} and plotpp.ctx_vision.grad.abs().sum() > 0
+    assert plotpp.num_trainable() == 4 * 4 * text_width + 4 * 2 * vision_width and not plotpp.frozen_image_side
+    plot = build_method("plot", vit, CLASSES, TEMPLATE, {"n_prompts": 4, "n_ctx": 4, "vit_features": "patch_tokens"})
     _backward(plot, images)
     assert _trainable(plot) == {"ctx"} and plot.ctx.grad.abs().sum() > 0
     assert all(p.grad is None for p in vit.parameters())
-    assert plot.num_trainable() == 4 * 4 * vit.text_width and plot.shared_bytes() == 4 * 4 * vit.text_width * 4
+    assert plot.num_trainable() == 4 * 4 * text_width and plot.shared_bytes() == 4 * 4 * text_width * 4
     assert plot.local_state() == {} and plot.frozen_image_side
 
 
@@ -179,7 +185,7 @@ def test_plot_and_fedotp_evaluate_on_new_class_names(vit, images):
 # --- FedOTP ----------------------------------------------------------------------------------------------------------
 def test_fedotp_shares_only_the_global_prompt(vit, images):
     fedotp = build_method("fedotp", vit, CLASSES, TEMPLATE, {"n_ctx": 4})
-    assert set(fedotp.shared_state()) == {"global_ctx"} and set(fedotp.local_state()) == {"local_ctx"}
+    assert set(fedotp.shared_state()) == {"global_ctx"} and set(fedotp.local_state()) == {"local_ctx", "personalised"}
     assert fedotp.num_trainable() == 2 * 4 * vit.text_width and fedotp.shared_bytes() == 4 * vit.text_width * 4
     assert not torch.equal(fedotp.global_ctx, fedotp.local_ctx), "equal prompts would stay equal under OT"
     _backward(fedotp, images)
@@ -311,10 +317,13 @@ def vit_b16():
 
 
 @pytest.mark.parametrize("name, hparams, trainable, shared", [
-    ("plot", {"n_prompts": 4, "n_ctx": 16}, 4 * 16 * 512, 4 * 16 * 512),  # the paper's N=4, 16 tokens
+    # PLOT++ (the ViT default): N=4 text prompts of 4 tokens + M=4 visual groups of 2 tokens
+    ("plot", {}, 4 * 4 * 512 + 4 * 2 * 768, 4 * 4 * 512 + 4 * 2 * 768),
+    ("plot", {"n_ctx": 16, "ctx_init": None, "vit_features": "patch_tokens"}, 4 * 16 * 512, 4 * 16 * 512),
     ("fedotp", {"n_ctx": 16}, 2 * 16 * 512, 16 * 512),  # only the global prompt travels
     ("vpt", {"n_tokens": 8, "deep": False}, 8 * 768, 8 * 768),
     ("vpt", {"n_tokens": 8, "deep": True}, 12 * 8 * 768, 12 * 8 * 768),
+    ("vpt", {}, 12 * 5 * 768, 12 * 5 * 768),  # defaults: VPT-deep, 5 tokens
     # MaPLe, paper defaults: 2 tokens × 9 text layers + 9 couplings 512→768 with bias = 3.55 M
     ("maple", {}, 9 * 2 * 512 + 9 * (512 * 768 + 768), 3_555_072),
     # PromptSRC, paper defaults: 4+4 tokens over 9 layers of each tower = 46 K

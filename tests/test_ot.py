@@ -1,4 +1,8 @@
-"""Entropic OT (flbench.algorithms.ot): marginals, optimality conditions, and gradients through the cost only."""
+"""Entropic OT (flbench.algorithms.ot): marginals, optimality conditions, and gradients through the cost only.
+
+`tol` bounds the mean change of a scaling vector per iteration (the references' stopping rule); the small values
+here run the iteration to convergence. The references' own loops are in test_fidelity_visual.py.
+"""
 
 import pytest
 import torch
@@ -44,7 +48,7 @@ def test_balanced_plan_matches_a_float64_sinkhorn_and_is_additive_in_log_space()
 def test_unbalanced_plan_moves_mass_gamma_and_respects_the_patch_bound():
     cost, a, b = _problem(m=10)
     gamma, eps = 0.8, 0.2
-    plan = transport_plan(cost, a, b * gamma, eps, max_iter=300, tol=1e-6, row_inequality=True)
+    plan = transport_plan(cost, a, b * gamma, eps, max_iter=300, tol=1e-9, row_inequality=True, watch="col")
     assert torch.allclose(plan.sum(-2), b * gamma, atol=1e-6), "each prompt receives γ/N"
     assert (plan.sum(-1) <= a * (1 + 1e-5)).all(), "no patch sends more than 1/M"
     assert torch.allclose(plan.sum((-2, -1)), torch.full((3,), gamma), atol=1e-5)

@@ -12,6 +12,7 @@ Needs a ViT image tower; J is capped at the shallower tower's depth (the tiny CL
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,6 +31,24 @@ class MaPLe(PromptMethod):
     paper = "MaPLe (Khattak et al., CVPR 2023)"
     extra_loss = "none"
     frozen_image_side = False
+    fidelity = """\
+Reference: Khattak et al., "MaPLe: Multi-modal Prompt Learning", CVPR 2023; muzairkhattak/multimodal-prompt-learning:
+`trainers/maple.py` (`MultiModalPromptLearner`: context from the first N_CTX tokens of CTX_INIT with the rest of the
+phrase kept as fixed words, deeper text prompts N(0, 0.02), vision prompt of block i = Linear_i(text prompt of block
+i) with the deeper Linear layers cloned from one), `clip/model.py` (`VisionTransformer_MaPLe`: block-0 prompts
+appended after the positional embedding, before ln_pre; `ResidualAttentionBlock_MaPLe`: deeper prompts replace the
+previous block's prompt outputs, text prompts at positions 1..N_CTX), `configs/trainers/MaPLe/
+vit_b16_c2_ep5_batch4_2ctx.yaml` (N_CTX 2, CTX_INIT "a photo of a", PROMPT_DEPTH 9).
+
+flbench: the same prompts, coupling functions (initial weights included) and insertion points; everything trainable
+is shared (as FLIP's MaPLe server averages it).
+
+Deviations: J is capped at the shallower tower's depth (the tiny CLIPs have 3 text and 4 image blocks); the widths are
+the backbone's (the reference hard-codes ViT-B/16's 512 and 768); fp32 by default (`precision`), the reference
+trains in fp16.
+
+FLIP: `maple_flip` — FLIP's MaPLe (0-ml/flip `flcore/models/text/prompt.py`, `MaplePromptLearner`) runs its defaults:
+prompt depth 1 (shallow), 4 random context tokens."""
 
     def __init__(self, backbone: FrozenCLIP, classnames: Sequence[str], templates: Sequence[str] = ("a photo of a {}.",),
                  n_ctx: int = 2, ctx_init: str | None = "a photo of a", prompt_depth: int = 9, init_seed: int = 0,
@@ -41,7 +60,9 @@ class MaPLe(PromptMethod):
         generator = torch.Generator().manual_seed(init_seed)
         self.text = DeepTextPrompt(backbone, classnames, n_ctx, ctx_init, depth, generator)
         self.coupling = nn.ModuleList(nn.Linear(backbone.text_width, prompted.vision_width(backbone))
-                                      for _ in range(depth))
+                                      for _ in range(min(depth, 2)))
+        # The reference clones one layer for all deeper couplings (`_get_clones`): they start identical.
+        self.coupling.extend(copy.deepcopy(self.coupling[1]) for _ in range(depth - 2))
 
     def set_classnames(self, classnames: Sequence[str]) -> None:
         super().set_classnames(classnames)

@@ -1,4 +1,4 @@
-"""What personalised text-prompt methods (PromptFolio, FedPGP, DP-FPL) share: a global part that travels and a
+"""What personalised prompt methods (PromptFolio, FedPGP, DP-FPL, FedOTP) share: a global part that travels and a
 local part that never does, and a rule for which of them the *server* may use.
 
 The server holds no client's personal prompt: at evaluation it has only the initial value of the local part, which

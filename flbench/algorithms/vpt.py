@@ -29,9 +29,23 @@ class VPT(PromptMethod):
     paper = "VPT (Jia et al., ECCV 2022)"
     extra_loss = "none"
     frozen_image_side = False
+    fidelity = """\
+Reference: Jia et al., "Visual Prompt Tuning", ECCV 2022; KMnP/vpt: `src/models/vit_prompt/vit.py` (prompts after
+[CLS]; uniform ±√(6 / (3·patch² + width)) init; VPT-deep: a new set replaces the previous prompt outputs at every
+block after the first, for all blocks; no projection, dropout 0 by default), `src/configs/config.py` (NUM_TOKENS 5,
+the code's default; the paper tunes the length per task and reports VPT-deep as its main variant).
+
+flbench: the same prompts, initialisation and deep replacement on CLIP's ViT; `deep: true` (VPT-deep), 5 tokens.
+
+Deviations, from moving VPT onto CLIP (the authors release no CLIP version): the classifier is CLIP's frozen zero-shot
+text classifier, not a trained linear head, so only the prompts train; CLIP's ViT normalises its input (ln_pre), and
+block-0 prompts go through it with the patch embeddings (as MaPLe's CLIP code does); prompts sit after the patch
+tokens instead of before them, which changes nothing (no positional embedding on prompts, no mask, pooling at [CLS]).
+
+FLIP: no VPT in FLIP."""
 
     def __init__(self, backbone: FrozenCLIP, classnames: Sequence[str], templates: Sequence[str] = ("a photo of a {}.",),
-                 n_tokens: int = 8, deep: bool = True, ensemble: bool = False, init_seed: int = 0,
+                 n_tokens: int = 5, deep: bool = True, ensemble: bool = False, init_seed: int = 0,
                  **hparams: Any) -> None:
         super().__init__(backbone, classnames, templates, **hparams)
         prompted.require_vit(backbone, self.name)

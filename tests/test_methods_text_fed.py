@@ -40,7 +40,7 @@ def test_dpfpl_run_reports_its_privacy_budget(tmp_path):
     dp = record["method"]["dp"]
     assert dp["enabled"] and dp["target_epsilon"] == 200 and dp["delta"] == 1e-5
     assert dp["noise_multiplier"] == pytest.approx((2 * 11.512925) ** 0.5 / 200, rel=1e-5)  # rounds=${num_rounds}
-    assert 0 < dp["epsilon_shared"] < dp["epsilon"] and len(dp["epsilon_per_client"]) == 2
+    assert 0 < dp["epsilon_released"] < dp["epsilon"] and len(dp["epsilon_per_client"]) == 2
     assert record["costs"]["bytes_up_per_client"] == 4 * 4 * 128  # the global prompt only
 
 

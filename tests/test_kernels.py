@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import flbench.kernels as kernels
 from flbench.kernels import routed_attention, routed_attention_reference
-from flbench.kernels.routed_attention import resolve_backend, routed_attention_triton_with_lse
+from flbench.kernels.routed_attention import forced_blocks, resolve_backend, routed_attention_triton_with_lse
 
 ON_GPU = torch.cuda.is_available()
 
@@ -199,6 +199,166 @@ def test_single_expert_holding_all_tokens_is_plain_attention(causal):
     g_kernel = torch.autograd.grad(kernel, [q, keys[0], values[0]], d_out)
     for a, b in zip(g_kernel, g_sdpa):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
+SMALL = (16, 16, 1, 1)  # BLOCK_M, BLOCK_N, warps, stages: many query blocks and several key tiles per expert
+
+
+@needs_triton
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("order", ["shuffled", "sorted"])
+def test_kernel_small_blocks_many_tiles_per_expert(causal, order):
+    # 16-wide blocks: 3 query blocks, experts of 2, 1 and 2 key tiles in one flattened loop, tiles that straddle
+    # two experts' boundaries in the dK/dV grid, and causal bounds that cut each expert's loop at a block's diagonal
+    # (sorted slots) or not at all (shuffled slots, whose last visible slot can be anywhere).
+    q, keys, values, positions = make_inputs(1, 4, 37, 16, (11, 6, 20), pad=3, order=order, seed=2)
+    with forced_blocks(fwd=SMALL, bwd=SMALL, dq=SMALL):
+        assert_matches(*run_both(q, keys, values, positions, GROUPS, causal), torch.float32)
+
+
+@needs_triton
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_kernel_never_reads_trailing_padding_tiles(causal):
+    # Each expert's buffer: its real slots, finite padding up to a whole 16-wide tile, then one more tile of padding
+    # holding NaN. A tile that is read feeds its V into p @ V (and K into dS^T K), where 0 * NaN = NaN: finite
+    # results prove that the visible bounds stop before it.
+    q, keys, values, positions = make_inputs(1, 4, 37, 16, (11, 6, 20), order="sorted", seed=4)
+
+    def padded(t, fill):
+        n_finite = -t.shape[2] % 16
+        pieces = [t.detach(), torch.zeros(*t.shape[:2], n_finite, t.shape[3]), torch.full((*t.shape[:2], 16,
+                                                                                          t.shape[3]), fill)]
+        return torch.cat(pieces, dim=2).requires_grad_()
+
+    keys_nan = [padded(k, float("nan")) for k in keys]
+    values_nan = [padded(v, float("nan")) for v in values]
+    positions = [torch.cat([p, torch.full((1, k.shape[2] - p.shape[1]), -1, dtype=p.dtype)], dim=1)
+                 for p, k in zip(positions, keys_nan)]
+    inputs = [q, *keys_nan, *values_nan]
+    with forced_blocks(fwd=SMALL, bwd=SMALL, dq=SMALL):
+        out = routed_attention(q, keys_nan, values_nan, positions, GROUPS, causal, backend="triton")
+        d_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+        grads = torch.autograd.grad(out, inputs, d_out)
+    # Reference on the same slots with the padding zeroed: padding values cannot matter by definition.
+    clean = [torch.nan_to_num(t.detach(), nan=0.0).requires_grad_() for t in keys_nan + values_nan]
+    n = len(keys)
+    ref = routed_attention_reference(q, clean[:n], clean[n:], positions, GROUPS, causal)
+    ref_grads = torch.autograd.grad(ref, [q, *clean], d_out)
+    assert_matches(out, grads, ref, ref_grads, torch.float32)
+
+
+@needs_triton
+def test_causal_bound_keeps_the_slot_on_a_blocks_last_row():
+    # Query block 0 (32 rows) ends at row 31; expert 0's slot 16, the first of its second 16-wide key tile, sits at
+    # position 31: that whole tile must be visited for block 0, or row 31 loses its own key.
+    gen = torch.Generator().manual_seed(21)
+    pos0 = torch.tensor([list(range(0, 31, 2)) + [31, 33, 35]])
+    pos1 = torch.tensor([list(range(1, 31, 2)) + [32, 34, 36, 37, 38, 39]])
+    q = torch.randn(1, 4, 40, 16, generator=gen).requires_grad_()
+    keys = [torch.randn(1, 4 // g, p.shape[1], 16, generator=gen).requires_grad_() for p, g in ((pos0, 1), (pos1, 2))]
+    values = [torch.randn(1, 4 // g, p.shape[1], 16, generator=gen).requires_grad_() for p, g in ((pos0, 1), (pos1, 2))]
+    with forced_blocks(fwd=(32, 16, 1, 1), dq=(32, 16, 1, 1)):
+        assert_matches(*run_both(q, keys, values, [pos0, pos1], (1, 2), True), torch.float32)
+        torch.use_deterministic_algorithms(True)  # the dQ kernel computes the same bounds
+        try:
+            assert_matches(*run_both(q, keys, values, [pos0, pos1], (1, 2), True), torch.float32)
+        finally:
+            torch.use_deterministic_algorithms(False)
+
+
+@needs_triton
+def test_deterministic_mode_uses_the_atomic_free_dq_kernel(monkeypatch):
+    module = sys.modules["flbench.kernels.routed_attention"]
+    launches = []
+    original = module._launch
+
+    def spy(kernel, kind, grid, args, kwargs, plan, reset_to_zero=None):
+        launches.append((kind, kwargs.get("FUSE_DQ")))
+        return original(kernel, kind, grid, args, kwargs, plan, reset_to_zero)
+
+    monkeypatch.setattr(module, "_launch", spy)
+    q, keys, values, positions = make_inputs(1, 4, 37, 16, (11, 6, 20), pad=3, seed=6)
+    fused = run_both(q, keys, values, positions, GROUPS, True)
+    assert launches == [("fwd", None), ("bwd", True)]
+    launches.clear()
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    deterministic = run_both(q, keys, values, positions, GROUPS, True)
+    assert launches == [("fwd", None), ("bwd", False), ("dq", None)]
+    assert_matches(*deterministic, torch.float32)
+    torch.testing.assert_close(deterministic[1][0], fused[1][0], atol=1e-6, rtol=1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("trainable", ["q-only", "kv-only"])
+def test_kernel_gradient_of_a_subset_of_inputs(trainable):
+    # Frozen K/V (q-only) takes the dQ kernel alone; a frozen q (kv-only) the dK/dV kernel without dQ.
+    q, keys, values, positions = make_inputs(1, 4, 23, 16, (7, 4, 12), pad=2, seed=8)
+    if trainable == "q-only":
+        keys, values = [k.detach() for k in keys], [v.detach() for v in values]
+        inputs = [q]
+    else:
+        q = q.detach()
+        inputs = [*keys, *values]
+    out = routed_attention(q, keys, values, positions, GROUPS, True, backend="triton")
+    d_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    grads = torch.autograd.grad(out, inputs, d_out)
+    ref_grads = torch.autograd.grad(routed_attention_reference(q, keys, values, positions, GROUPS, True), inputs,
+                                    d_out)
+    for g, rg in zip(grads, ref_grads):
+        assert rel_err(g, rg) <= TOL[torch.float32]
+
+
+def test_gpu_launch_candidates_fit_the_problem_and_autotune_wiring(monkeypatch):
+    # No GPU needed: the candidate lists, and what _launch hands to triton.autotune (caught before any launch).
+    from flbench.kernels.routed_attention import LAUNCH_KINDS, candidate_blocks
+
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for head_dim, seq_len, slots in ((64, 197, 117), (64, 77, 45), (128, 20, 9), (32, 300, 300)):
+            cands = candidate_blocks(dtype, head_dim, seq_len, slots)
+            for kind in LAUNCH_KINDS:
+                assert cands[kind] and len(set(cands[kind])) == len(cands[kind])
+                for bm, bn, warps, stages in cands[kind]:
+                    assert 16 <= bm <= max(16, 1 << (seq_len - 1).bit_length()) and bm & (bm - 1) == 0
+                    assert 16 <= bn <= max(16, 1 << (slots - 1).bit_length()) and bn & (bn - 1) == 0
+                    assert warps in (4, 8) and stages >= 1
+    assert candidate_blocks(torch.bfloat16, 64, 197, 117, interpret=True) == {
+        kind: [(128, 128, 1, 1)] for kind in LAUNCH_KINDS}
+    if not kernels.triton_available():
+        return
+    import triton
+
+    module = sys.modules["flbench.kernels.routed_attention"]
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_autotune(configs, key, reset_to_zero=None, do_bench=None, **_):
+        seen.update(configs=configs, key=key, reset=reset_to_zero, bench=do_bench)
+
+        def wrap(kernel):
+            seen["kernel"] = kernel
+            raise Stop
+
+        return wrap
+
+    monkeypatch.setattr(triton, "autotune", fake_autotune)
+    monkeypatch.setattr(module, "_tuners", {})
+    plan = module._Plan(False, False, "tf32", 64, {"bwd": ((64, 64, 8, 2), (32, 64, 4, 3))})
+    kernel = module._kernels(module._interpreting()).routed_attention_bwd_kernel
+    with pytest.raises(Stop):
+        module._launch(kernel, "bwd", lambda meta: (1, 1), [], {}, plan, reset_to_zero=["DQ"])
+    assert seen["reset"] == ["DQ"] and "DQ" in kernel.arg_names
+    assert all(name in kernel.arg_names for name in seen["key"])
+    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in seen["configs"]] == [
+        (64, 64, 8, 2), (32, 64, 4, 3)]
+    seen.clear()
+    with forced_blocks(bwd=(16, 16, 4, 1)), pytest.raises(TypeError):  # forced: launched directly (and, with no
+        module._launch(kernel, "bwd", lambda meta: (1, 1), [], {}, plan)  # arguments, refused), never autotuned
+    assert seen == {}
+    with pytest.raises(ValueError, match="forced_blocks takes"):
+        with forced_blocks(backward=SMALL):
+            pass
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -314,7 +314,7 @@ def routed_attention_bwd_kernel(
     # Rows before the tile's first valid position cannot see it when causal; an all-padding tile does no work.
     first_pos = tl.min(tl.where(slot_pos >= 0, slot_pos, seq_len), axis=0)
     if CAUSAL:
-        lo = (first_pos // BLOCK_M) * BLOCK_M
+        lo = tl.where(first_pos < seq_len, (first_pos // BLOCK_M) * BLOCK_M, seq_len)
     else:
         lo = tl.where(first_pos < seq_len, 0, seq_len)
     n_blocks = tl.cdiv(seq_len - lo, BLOCK_M)

@@ -44,3 +44,9 @@ def unknown_keys_message(prefix: str, unknown: Sequence[str], known: Iterable[st
     name = full(key)
     return (f"{name} is not a known key{hint}{more}; known keys: {', '.join(known) or '(none)'}; remove it or fix "
             f"its spelling")
+
+
+class BusyError(FlbenchError):
+    """The same config is running in another process (its lock is held): exit 75 (EX_TEMPFAIL), try again later."""
+
+    exit_code = 75

@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from flbench.errors import DataFileError, StorageError
+from flbench.errors import ConfigError, DataFileError, StorageError
 
 
 def cache_dir(override: str | os.PathLike | None = None) -> Path:
@@ -100,3 +100,20 @@ def _load_failure(error: Exception) -> str:
 
 def atomic_write_json(path: str | os.PathLike, payload: Any) -> Path:
     return atomic_write(path, lambda f: json.dump(payload, f, indent=2, sort_keys=True, default=str), mode="w")
+
+
+def check_writable(key: str, folder: Any) -> None:
+    """`folder` (or the nearest folder above it that exists, where it would be created) is writable."""
+    if folder is None or not str(folder).strip():
+        raise ConfigError(f"{key}={folder!r} must name a folder (e.g. {key}=results)")
+    path = Path(str(folder)).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"{key}={folder}: {existing} is a file, not a folder; choose another {key}")
+    try:  # an anonymous temporary file: gone when closed, so nothing is left behind (root ignores mode bits, and a
+        # read-only mount says so only when written to)
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise ConfigError(f"{key}={folder}: {existing} is not writable ({error.strerror}); choose another {key} or fix "
+                          "its permissions") from None

@@ -27,9 +27,9 @@ from flbench.fl.protocols import get_protocol
 from flbench.fl.server_app import RoundLog, make_server_app
 from flbench.metrics import summarise
 from flbench.results.record import (SCHEMA_VERSION, code_version, environment, load_record, record_path,
-                                    result_config, write_record)
+                                    result_config, run_lock, write_record)
 from flbench.results.wandb_logger import log_skipped, start_session
-from flbench.validation import validate
+from flbench.validation import preflight, validate
 
 log = logging.getLogger("flbench")
 
@@ -83,19 +83,37 @@ def run(cfg: Mapping[str, Any], federate: Callable[[ServerApp, ClientApp], None]
     """Run one experiment from a resolved config (plain dict) and return its record. `federate` runs the two
     Flower apps on a grid the caller already has (the deployment engine); by default cfg.backend runs them."""
     validate(cfg)
+    preflight(cfg)
     key = config_hash(result_config(cfg))
     path = record_path(cfg["results_dir"], key)
+    if (skipped := _existing(cfg, path)) is not None:
+        return skipped
+    started, t0 = dt.datetime.now(dt.timezone.utc), time.perf_counter()
+    torch.manual_seed(int(cfg["seed"]))
+    experiment = get_experiment(cfg)  # bad data, partition or method settings fail here, before anything is written
+    experiment.method  # noqa: B018 — built now: a hyper-parameter the method refuses is bad input too
+    with run_lock(cfg["results_dir"], key):  # one process per config; the lock file is the first thing written
+        if (skipped := _existing(cfg, path)) is not None:  # finished by another process meanwhile
+            return skipped
+        return _execute(cfg, key, experiment, federate, started, t0)
+
+
+def _existing(cfg: Mapping[str, Any], path: Any) -> dict[str, Any] | None:
+    """The finished record of this config, marked skipped (None when there is none, or force=true)."""
     existing = load_record(path)
-    if existing is not None and not cfg.get("force", False):
-        log.info("skipped: a record for this config exists at %s (force=true reruns it)", path)
-        return {**existing, "skipped": True, "wandb_dir": log_skipped(cfg, existing)}
+    if existing is None or cfg.get("force", False):
+        return None
+    log.info("skipped: a record for this config exists at %s (force=true reruns it)", path)
+    return {**existing, "skipped": True, "wandb_dir": log_skipped(cfg, existing)}
+
+
+def _execute(cfg: Mapping[str, Any], key: str, experiment: Experiment,
+             federate: Callable[[ServerApp, ClientApp], None] | None, started: dt.datetime, t0: float
+             ) -> dict[str, Any]:
+    path = record_path(cfg["results_dir"], key)
     checkpointer = Checkpointer.from_config(cfg)
     if checkpointer is not None and cfg.get("force", False):
         checkpointer.clear()  # force reruns from scratch, never from an earlier attempt's checkpoint
-
-    started, t0 = dt.datetime.now(dt.timezone.utc), time.perf_counter()
-    torch.manual_seed(int(cfg["seed"]))
-    experiment = get_experiment(cfg)
     zeroshot = _zeroshot_metrics(experiment)
     wandb_run = start_session(cfg, _run_name(cfg, key), zeroshot)  # live: each round is logged as it ends
     round_log = RoundLog(on_round=wandb_run.log_rounds)
@@ -108,8 +126,7 @@ def run(cfg: Mapping[str, Any], federate: Callable[[ServerApp, ClientApp], None]
                 run_federation(server_app, client_app, experiment.num_nodes, cfg["backend"])
         else:  # nothing to learn: the run is its own round-0 evaluation
             round_log.add({"round": 0, **experiment.evaluate_state([{}], 0, with_personal=True), "time_s": 0.0})
-        if not round_log.rounds:
-            raise RuntimeError("the federation finished without a single evaluated round (see the log above)")
+        _check_complete(round_log, int(cfg["num_rounds"]) if experiment.method.num_trainable() > 0 else 0)
     except BaseException as error:  # failed or interrupted (SIGINT/SIGTERM: 128 + signal): the W&B run says so
         wandb_run.abort(128 + error.signum if hasattr(error, "signum") else 1)
         raise
@@ -134,6 +151,14 @@ def run(cfg: Mapping[str, Any], federate: Callable[[ServerApp, ClientApp], None]
     log.info("record written to %s", path)
     record["wandb_dir"] = wandb_run.finish(record)
     return record
+
+
+def _check_complete(round_log: RoundLog, num_rounds: int) -> None:
+    """A record is written only for a run that evaluated every round (a federation that stopped early is an error)."""
+    last = int(round_log.rounds[-1]["round"]) if round_log.rounds else -1
+    if last != num_rounds:
+        raise RuntimeError(f"the federation stopped after round {last} of {num_rounds} (see the log above); no record "
+                           "was written")
 
 
 def _run_name(cfg: Mapping[str, Any], key: str) -> str:

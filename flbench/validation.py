@@ -20,6 +20,7 @@ from flbench.algorithms.base import method_class
 from flbench.datasets import LOADERS
 from flbench.datasets.partition import PARTITIONS
 from flbench.errors import ConfigError, unknown_keys_message
+from flbench.io import check_writable
 from flbench.fl.protocols import PROTOCOLS
 from flbench.scenarios import SCENARIOS
 
@@ -219,6 +220,7 @@ def validate(cfg: Mapping[str, Any]) -> None:
     if missing:
         raise ConfigError(f"config is missing {missing}; start from conf/config.yaml or `python -m flbench --cfg job`")
     check_finite(cfg)
+    _at_most(cfg, "seed", 2**63 - 1)
     for path, low, inclusive, integer in (("seed", 0, True, True), ("shots", 1, True, True),
                                           ("num_clients", 1, True, True), ("num_rounds", 0, True, True),
                                           ("train.lr", 0, False, False), ("train.batch_size", 1, True, True),
@@ -233,8 +235,24 @@ def validate(cfg: Mapping[str, Any]) -> None:
     _named(cfg, "backend", ["inprocess", "ray"])
     method_class(cfg["algorithm"].get("name"))
     check_keys(cfg)
+    check_writable("results_dir", cfg.get("results_dir"))
+    from flbench.results.wandb_logger import check_logger
+
+    check_logger(cfg)
     _fl_checks(cfg)
     _execution_checks(cfg)
     position = cfg["algorithm"].get("class_token_position", "end")
     if position not in ("end", "middle", "front"):
         raise ConfigError(f"algorithm.class_token_position={position!r} is unknown; choose end, middle or front")
+
+
+def preflight(cfg: Mapping[str, Any]) -> None:
+    """What a valid config needs from this machine beyond a writable results folder (validate), checked in seconds
+    before any work: the checkpoint folder, and the backbone's weights (before a dataset is rendered or read: a
+    missing tag then costs seconds, not the minutes of rendering a suite at 224 px)."""
+    from flbench.backbones.weights import check_weights
+
+    checkpoint_dir = (cfg.get("checkpoint") or {}).get("dir")
+    if checkpoint_dir is not None:
+        check_writable("checkpoint.dir", checkpoint_dir)
+    check_weights(cfg["backbone"])

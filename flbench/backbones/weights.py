@@ -123,8 +123,9 @@ def cached_weights(tag_cfg: Mapping[str, Any]) -> str | None:
     return None
 
 
-def resolve_tag(arch: str, tag: str) -> tuple[str, dict[str, Any]]:
-    """(local weights file, tag config) for an open_clip pretrained tag; downloads only when the hub answers."""
+def locate_tag(arch: str, tag: str) -> tuple[str | None, dict[str, Any]]:
+    """(local weights file or None when they must be downloaded, tag config) for an open_clip pretrained tag.
+    ConfigError, within ~1.5 s, when the weights are neither cached nor downloadable from here."""
     tag_cfg = open_clip.get_pretrained_cfg(arch, tag)
     if not tag_cfg:
         known = open_clip.list_pretrained_tags_by_model(arch)
@@ -142,6 +143,53 @@ def resolve_tag(arch: str, tag: str) -> tuple[str, dict[str, Any]]:
         raise ConfigError(f"backbone.pretrained={tag!r}: the {arch} weights are not in the local cache and {why}; run "
                           f"once where the hub is reachable (they are then cached), or download them elsewhere and "
                           f"pass backbone.checkpoint=PATH")
+    return None, tag_cfg
+
+
+def check_weights(cfg: Mapping[str, Any]) -> None:
+    """Before any data is built and any weights are read: the backbone's weights can be had (a checkpoint file that is
+    a readable archive, or a tag that is cached or downloadable). Cheap — the work behind it (rendering a dataset at
+    224 px, loading 600 MB) is not, so the mistake costs seconds, not minutes. Tiny CLIPs are built locally."""
+    if str(cfg.get("name", "")).startswith("tiny"):
+        return
+    arch = str(cfg.get("arch"))
+    if arch not in open_clip.list_models():
+        raise ConfigError(f"backbone.arch={arch!r} is not an open_clip architecture (see open_clip.list_models())")
+    if cfg.get("checkpoint"):
+        check_archive(cfg["checkpoint"])
+    elif cfg.get("pretrained"):
+        locate_tag(arch, str(cfg["pretrained"]))
+
+
+def check_archive(path: str | os.PathLike) -> None:
+    """A checkpoint file exists and is a state-dict archive flbench can read (format only; nothing is unpickled)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"backbone.checkpoint={path} does not exist")
+    if path.suffix == ".safetensors":
+        with open(path, "rb") as handle:
+            header = handle.read(8)
+        if len(header) < 8 or int.from_bytes(header, "little") > path.stat().st_size:
+            raise ConfigError(f"backbone.checkpoint={path} is not a safetensors file (truncated or another format)")
+        return
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+        if any("/code/" in n or n.endswith("/constants.pkl") for n in names):
+            raise ConfigError(f"backbone.checkpoint={path} is a TorchScript (JIT) archive, like OpenAI's released "
+                              f".pt files; flbench only loads state dicts. If you trust the file, convert it once: "
+                              f"{JIT_HELP} — or use backbone.pretrained=openai")
+        return
+    with open(path, "rb") as handle:
+        if handle.read(1) != b"\x80":  # torch's legacy (non-zip) format starts with a pickle protocol byte
+            raise ConfigError(f"backbone.checkpoint={path} is neither a torch archive nor a safetensors file")
+
+
+def resolve_tag(arch: str, tag: str) -> tuple[str, dict[str, Any]]:
+    """(local weights file, tag config) for an open_clip pretrained tag; downloads only when the hub answers."""
+    local, tag_cfg = locate_tag(arch, tag)
+    if local:
+        return local, tag_cfg
     log.info("downloading the %s/%s weights (first time only)", arch, tag)
     try:
         return open_clip.download_pretrained(tag_cfg), tag_cfg
@@ -155,18 +203,12 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], b
     path = Path(path).expanduser()
     if not path.is_file():
         raise ConfigError(f"backbone.checkpoint={path} does not exist")
+    check_archive(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         state: Any = load_file(str(path), device="cpu")
     else:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as archive:
-                names = archive.namelist()
-            if any("/code/" in n or n.endswith("/constants.pkl") for n in names):
-                raise ConfigError(f"backbone.checkpoint={path} is a TorchScript (JIT) archive, like OpenAI's released "
-                                  f".pt files; flbench only loads state dicts. If you trust the file, convert it once: "
-                                  f"{JIT_HELP} — or use backbone.pretrained=openai")
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # noqa: BLE001 — unpickling errors have many types
@@ -213,11 +255,11 @@ def create_model(arch: str, pretrained: str | None = None, checkpoint: str | Non
     if checkpoint:
         # the file wins; a tag given as well only says what the file is (QuickGELU, mean/std), nothing is fetched
         tag_cfg = dict(open_clip.get_pretrained_cfg(arch, pretrained) or {}) if pretrained else {}
+        source = f"backbone.checkpoint={checkpoint}"
+        state, openai_format = read_state_dict(checkpoint)
         if pretrained:
             log.info("backbone.checkpoint=%s is loaded; backbone.pretrained=%r only sets its %s", checkpoint,
                      pretrained, "QuickGELU and mean/std" if tag_cfg else "nothing (unknown tag)")
-        source = f"backbone.checkpoint={checkpoint}"
-        state, openai_format = read_state_dict(checkpoint)
     elif pretrained:
         path, tag_cfg = resolve_tag(arch, pretrained)
         source = f"the weights of backbone.pretrained={pretrained!r} ({path})"

@@ -21,7 +21,7 @@ import torch
 from flbench.datasets.base import DatasetBundle, TensorImageSet
 from flbench.datasets.render import COLOURS, PATTERNS, RENDER_VERSION, RenderSpec, render_many
 from flbench.io import atomic_write, cache_dir
-from flbench.errors import ConfigError
+from flbench.errors import ConfigError, DataFileError
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +104,12 @@ def render_split(family: Family, domains: tuple[str, ...], split: str, per_class
     key = hashlib.sha1(repr((RENDER_VERSION, family.name, domains, split, per_class, suite_seed, image_size, labels)).encode())
     path = cache_dir() / "synthetic" / f"{family.name}-{split}-{key.hexdigest()[:16]}.npz"
     if cache and path.exists():
-        with np.load(path) as stored:
-            return torch.from_numpy(stored["images"]), stored["labels"], stored["domains"]
+        try:  # allow_pickle stays False: an array of objects is refused, never unpickled
+            with np.load(path, allow_pickle=False) as stored:
+                return torch.from_numpy(stored["images"]), stored["labels"], stored["domains"]
+        except (ValueError, OSError, KeyError, EOFError) as error:
+            raise DataFileError(f"synthetic image cache {path} is unreadable ({type(error).__name__}: "
+                                f"{str(error).splitlines()[0][:100]}); delete it and it is rendered again") from error
     specs, label_list, domain_list = [], [], []
     for d, domain in enumerate(domains):
         for label in labels:

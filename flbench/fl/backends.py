@@ -145,15 +145,23 @@ def _start_ray(init_args: Mapping[str, Any]) -> None:
     pythonpath = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
     os.environ["PYTHONPATH"] = pythonpath  # workers import what this driver imports (as Flower's backend does)
     ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
-             **{"include_dashboard": False, "logging_level": _ray_log_level(), **init_args})
+             **{"include_dashboard": False, "logging_level": _ray_log_level(), "log_to_driver": _verbose(),
+                **init_args})
     if threading.current_thread() is threading.main_thread() and handler is not None:
         signal.signal(signal.SIGTERM, handler)
 
 
+def _verbose() -> bool:
+    """`verbose=true` (flbench.cli.setup_logging says so in FLBENCH_VERBOSE: importing ray resets its logger's
+    level, so a level set before the import does not survive)."""
+    return os.environ.get("FLBENCH_VERBOSE") == "1"
+
+
 def _ray_log_level() -> int:
-    """Ray's own INFO lines only with `verbose=true` (flbench.cli.setup_logging says so in FLBENCH_VERBOSE: importing
-    ray resets its logger's level, so a level set before the import does not survive)."""
-    return logging.INFO if os.environ.get("FLBENCH_VERBOSE") == "1" else logging.ERROR
+    """Ray's own INFO lines, and the workers' log lines forwarded to this terminal, only with `verbose=true`: a
+    client's error reaches the server as its reply anyway (and stops the run), and a stopped run would otherwise
+    end in a burst of worker shutdown lines."""
+    return logging.INFO if _verbose() else logging.ERROR
 
 
 def _stop_ray(owned_temp_dir: str | None) -> None:

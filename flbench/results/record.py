@@ -7,16 +7,21 @@ number: the resolved config and its hash, the seed, the code version, per-round 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
+import os
 import platform
+import socket
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from flbench import __version__
+from flbench.errors import BusyError
 from flbench.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -42,15 +47,42 @@ def record_path(results_dir: str | Path, config_hash: str) -> Path:
 
 def load_record(path: str | Path) -> dict[str, Any] | None:
     """A complete record, or None when the file is missing or not a complete record (never trust a partial one)."""
-    try:
+    try:  # JSON: a record is data, never code (a crafted file is at most an unreadable one)
         record = json.loads(Path(path).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+    except (FileNotFoundError, ValueError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         return None
     return record if isinstance(record, dict) and record.get("complete") is True else None
 
 
 def write_record(path: str | Path, record: Mapping[str, Any]) -> Path:
     return atomic_write_json(path, {**record, "complete": True})
+
+
+@contextlib.contextmanager
+def run_lock(results_dir: str | Path, config_hash: str) -> Iterator[None]:
+    """Hold `<results_dir>/locks/<hash>.lock` (an flock: released by the kernel when the process dies, kill -9
+    included) for as long as this config runs, so that two identical runs never both do the work; the second
+    stops at once, saying who holds the lock."""
+    path = Path(results_dir) / "locks" / f"{config_hash}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise BusyError(f"this config (hash {config_hash}) is already running: {holder} holds {path}; wait for "
+                            "it to finish (its record is then reused) or choose another results_dir") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.seek(0)
+            handle.truncate()
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def code_version() -> dict[str, Any]:

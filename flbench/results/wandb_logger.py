@@ -23,6 +23,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from flbench.errors import ConfigError, StorageError
+from flbench.io import check_writable
 
 log = logging.getLogger("flbench")
 
@@ -63,7 +64,7 @@ def check_logger(cfg: Mapping[str, Any]) -> None:
     if mode == "online" and not _has_credentials():
         raise ConfigError("logger.mode=online needs W&B credentials (run `wandb login` or set WANDB_API_KEY); "
                           "or keep logger.mode=offline and upload later with `wandb sync`")
-    _check_writable("logger.dir" if logger.get("dir") else "results_dir", wandb_root(cfg))
+    check_writable("logger.dir" if logger.get("dir") else "results_dir", wandb_root(cfg))
 
 
 def _check_with_wandb(key: str, **setting: Any) -> None:
@@ -86,16 +87,6 @@ def _has_credentials() -> bool:
         return netrc.netrc().authenticators(host) is not None
     except (FileNotFoundError, netrc.NetrcParseError, OSError):
         return False
-
-
-def _check_writable(key: str, folder: Path) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as error:
-        raise ConfigError(f"{key}: W&B cannot write into {folder} ({error.strerror or error}); point {key} at a "
-                          f"writable folder or set logger.mode=disabled") from None
 
 
 def wandb_root(cfg: Mapping[str, Any]) -> Path:

@@ -12,6 +12,7 @@ mean |Δv| < thresh), and no helper of the code under test is called. Repositori
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -230,6 +231,17 @@ def test_fedotp_server_evaluates_the_global_prompt_alone_and_a_client_its_own_mo
         assert torch.allclose(restored(images), both.float(), atol=1e-4)
 
 
+def test_fedotp_flip_preset_is_flips_balanced_sinkhorn(vit, images):
+    fedotp = build_method("fedotp", vit, CLASSES, TEMPLATES, FLIP["fedotp_flip"])
+    fedotp.train()
+    with torch.no_grad():
+        local = vit_forward(vit, images, all_tokens=True)[:, 1:]
+        embeddings, eot = text_prompts(vit, CLASSES, 4)
+        text = torch.stack([text_forward(vit, embeddings, eot, c) for c in (fedotp.global_ctx, fedotp.local_ctx)])
+        expected = vit.logit_scale * ot_score(local, text, plot_sinkhorn, 0.1, 100, 1e-3)
+        assert torch.allclose(fedotp(images), expected.float(), atol=1e-4)
+
+
 # --- MaPLe ---------------------------------------------------------------------------------------------------------------
 def test_maple_is_the_coupled_multimodal_prompt_of_the_reference(vit, images):
     maple = build_method("maple", vit, CLASSES, TEMPLATES, {})
@@ -274,3 +286,51 @@ def test_vpt_deep_prompts_are_the_references_on_clip(vit, images):
     grad = torch.autograd.grad(expected, vpt.prompts)[0]
     assert torch.allclose(vpt.prompts.grad, grad, atol=1e-5 * grad.abs().max().item())
     assert set(vpt.shared_state()) == {"prompts"} and vpt.local_state() == {}
+
+
+# --- configuration: constructor defaults = yaml defaults; FLIP presets ---------------------------------------------
+VISUAL_METHODS = ["plot", "fedotp", "dpfpl", "maple", "vpt"]
+FLIP = {  # what each FLIP preset changes (0-ml/flip: main.py defaults, scripts/run_batch.sh, flcore/models/clip/*.py)
+    "plot_flip": {"n_prompts": 1, "ctx_init": None, "vit_features": "patch_tokens"},
+    "fedotp_flip": {"transport": "balanced", "mass": 1.0, "eps": 0.1},
+    "dpfpl_flip": {"rank": 8, "global_noise": "none"},
+    "maple_flip": {"n_ctx": 4, "ctx_init": None, "prompt_depth": 1},
+}
+
+
+def _yaml(name):
+    import yaml
+
+    from flbench.cli import CONF_DIR
+
+    return yaml.safe_load((Path(CONF_DIR) / "algorithm" / f"{name}.yaml").read_text())
+
+
+@pytest.mark.parametrize("name", VISUAL_METHODS)
+def test_constructor_defaults_are_the_yaml_defaults(name):
+    import inspect
+
+    from flbench.algorithms.base import method_class
+
+    signature = {}
+    for klass in method_class(name).__mro__:
+        if "__init__" in klass.__dict__:
+            for p in inspect.signature(klass.__dict__["__init__"]).parameters.values():
+                signature.setdefault(p.name, p.default)
+    for key, value in _yaml(name).items():
+        if key != "name" and not str(value).startswith("${"):
+            assert signature[key] == value, f"{name}.{key}: yaml {value!r}, __init__ {signature[key]!r}"
+
+
+def test_flip_presets_compose_over_their_method_and_change_only_flips_keys():
+    """Hydra 1.3 composes `defaults: [<name>, _self_]` inside the algorithm group: the method's keys, then FLIP's."""
+    from flbench.cli import compose
+
+    for preset, changed in FLIP.items():
+        base = preset.removesuffix("_flip")
+        assert _yaml(preset)["defaults"] == [base, "_self_"]
+        composed = compose([f"algorithm={preset}"], job_name="test")["algorithm"]
+        default = compose([f"algorithm={base}"], job_name="test")["algorithm"]
+        assert composed["name"] == base
+        assert {k for k in composed if composed[k] != default[k]} == set(changed), preset
+        assert all(composed[k] == v for k, v in changed.items()), preset

@@ -18,9 +18,9 @@ How the server-side draw maps onto flbench (`global_noise`): the reference excha
 clients exchange parameters after their local steps, and methods never run on the server. With
 `global_noise: distributed` (default) every client adds N(0, (z·C/(B·√U))²) to its clipped global gradient, U =
 `cohort`: the average over U clients then carries exactly the reference's single draw of std z·C/(B·U) (a sum of
-independent Gaussians is Gaussian) — the same aggregate in distribution, and for one SGD step per round (the
-reference's per-step exchange) the same aggregated prompt; the server itself now sees each update with noise
-multiplier z/√U instead of the reference's un-noised gradients. `local` is local DP (z·C/B on every client, √U× the
+independent Gaussians is Gaussian) — the same aggregate in distribution, and with one plain-SGD step per round and
+equal client weights (the reference's per-step exchange) the same aggregated prompt; the server itself now sees each
+update with noise multiplier z/√U instead of the reference's un-noised gradients. `local` is local DP (z·C/B on every client, √U× the
 reference's noise on the aggregate); `none` leaves the global gradient clipped but un-noised (FLIP's port).
 
 Reported budget (run record, `method.dp`, Opacus' RDP accountant over every client's sampling rate B/n and noisy
@@ -144,8 +144,9 @@ has the reference's noise, with no server hook; the server sees noised updates (
 reference's trusted server saw clean ones.
 
 Deviations: flbench's round is the FL layer's (local steps, then FedAvg of parameters, weighted by examples), not the
-reference's per-step gradient exchange; one local step per round (a batch as large as the shard) is the reference's
-protocol, with FedAvg weights instead of a plain mean. B is each step's batch (the reference uses the configured batch
+reference's per-step gradient exchange; one local step per round (a batch as large as the shard, `train.optimizer=sgd
+train.momentum=0`) is the reference's protocol, with FedAvg weights instead of a plain mean. (The reference steps
+every client with one shared SGD optimizer, momentum 0.9, whose buffer mixes the clients' steps; not reproduced.) B is each step's batch (the reference uses the configured batch
 size; they differ on a shard's last, partial batch). n_ctx = 4 and rank = 2 (the paper's 8 of 16, scaled to the tiny
 CLIP's 16-token context). The budget is reported from Opacus' RDP accountant (the headline: what the server sees,
 all three releases composed), not from the calibration formula. Options: `clipping: example` (DP-SGD's per-example

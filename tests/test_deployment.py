@@ -175,10 +175,10 @@ def test_flwr_run_on_a_superlink_and_two_supernodes_writes_the_same_record_as_in
     assert strip(record["history"]) == strip(reference["history"])
 
 
-def _run_toml(path: Path, results: Path, **keys: object) -> None:
+def _run_toml(path: Path, results: Path, extra: tuple[str, ...] = (), **keys: object) -> None:
     """A run config of typed keys, as a Flower user writes one (`flwr run . --run-config run.toml`)."""
-    lines = [f"num-rounds = 1", f"results-dir = {json.dumps(str(results))}",
-             f"overrides = {json.dumps(shlex.join(EXTRA))}"]
+    lines = ["num-rounds = 1", f"results-dir = {json.dumps(str(results))}",
+             f"overrides = {json.dumps(shlex.join([*EXTRA, *extra]))}"]
     lines += [f"{key.replace('_', '-')} = {json.dumps(value)}" for key, value in keys.items()]
     path.write_text("\n".join(lines) + "\n")
 
@@ -209,11 +209,11 @@ def test_flwr_run_dot_is_a_local_simulation_with_one_client_per_node_and_leaves_
     home, results = tmp_path / "flwr-home", tmp_path / "results"
     home.mkdir()
     env = {**os.environ, "FLWR_HOME": str(home), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-           "OMP_NUM_THREADS": "1", "FLWR_TELEMETRY_ENABLED": "0", "WANDB_MODE": "disabled",
+           "OMP_NUM_THREADS": "1", "FLWR_TELEMETRY_ENABLED": "0", "WANDB_MODE": "offline",
            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()), "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}  # the documented way to keep this environment
     marker = f"FLWR_HOME={home}"
-    _run_toml(tmp_path / "run.toml", results, algorithm="coop")
+    _run_toml(tmp_path / "run.toml", results, ("logger.mode=offline",), algorithm="coop")
     try:
         done = subprocess.run([str(BIN / "flwr"), "run", ".", "--stream", "--run-config", str(tmp_path / "run.toml")],
                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
@@ -232,6 +232,10 @@ def test_flwr_run_dot_is_a_local_simulation_with_one_client_per_node_and_leaves_
         "Flower's default local simulation has 2 SuperNodes: 2 clients"
     assert record["config"]["algorithm"]["name"] == "coop" and record["config"]["num_rounds"] == 1
     assert "2 SuperNode(s) connected: num_clients=2" in done.stdout
+    from wandb_files import offline_runs
+
+    (wandb_run,) = offline_runs(results)  # W&B works from the ServerApp's thread too, live, in <results>/wandb/
+    assert [row["_step"] for row in wandb_run["history"]] == [0, 1] and "method:coop" in wandb_run["tags"]
 
 
 class NodesGrid:

@@ -205,9 +205,10 @@ def server_main(grid: Grid, context: Context) -> None:
         cfg = resolve_federation(grid, context.run_config)
         log.info("deployment: %s clients, records under %s", cfg["num_clients"], cfg["results_dir"])
         record = run(cfg, federate=lambda app, _client_app: app(grid, context))
-        log.info("deployment: run %s %s; record in %s/records, W&B: %s", record["name"],
+        wandb_dir = record.get("wandb_dir")
+        log.info("deployment: run %s %s; record in %s/records; W&B: %s", record["name"],
                  "skipped (its record exists)" if record.get("skipped") else "finished", cfg["results_dir"],
-                 record.get("wandb_dir") or "off")
+                 f"{wandb_dir} (upload: wandb sync {wandb_dir})" if wandb_dir else "off")
     except ConfigError as error:
         log.error("flbench: error: %s", " ".join(str(error).split()))  # one readable line above Flower's traceback
         raise

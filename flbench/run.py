@@ -20,7 +20,7 @@ from flwr.serverapp import ServerApp
 
 from flbench.backbones.attention import attention_costs
 from flbench.experiment import Experiment, config_hash, get_experiment
-from flbench.fl.backends import run_federation
+from flbench.fl.backends import connect_ray, run_federation
 from flbench.fl.checkpoint import Checkpointer
 from flbench.fl.client_app import make_client_app
 from flbench.fl.protocols import get_protocol
@@ -88,6 +88,8 @@ def run(cfg: Mapping[str, Any], federate: Callable[[ServerApp, ClientApp], None]
     path = record_path(cfg["results_dir"], key)
     if (skipped := _existing(cfg, path)) is not None:
         return skipped
+    if cfg["backend"].get("name") == "ray" and federate is None:
+        connect_ray(cfg["backend"])  # an existing cluster (backend.address) answers before anything is loaded
     started, t0 = dt.datetime.now(dt.timezone.utc), time.perf_counter()
     torch.manual_seed(int(cfg["seed"]))
     experiment = get_experiment(cfg)  # bad data, partition or method settings fail here, before anything is written

@@ -9,6 +9,8 @@ along into the record and its hash: a "tuned" run that used the defaults.
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
@@ -252,7 +254,33 @@ def preflight(cfg: Mapping[str, Any]) -> None:
     missing tag then costs seconds, not the minutes of rendering a suite at 224 px)."""
     from flbench.backbones.weights import check_weights
 
+    check_ray_address((cfg.get("backend") or {}).get("address") if cfg["backend"].get("name") == "ray" else None)
     checkpoint_dir = (cfg.get("checkpoint") or {}).get("dir")
     if checkpoint_dir is not None:
         check_writable("checkpoint.dir", checkpoint_dir)
     check_weights(cfg["backbone"])
+
+
+def check_ray_address(address: str | None) -> None:
+    """An existing Ray cluster answers (ray.init would otherwise retry for minutes on a wrong address)."""
+    from urllib.parse import urlparse
+
+    from flbench.backbones.weights import reachable
+
+    if not address:
+        return
+    if address == "auto":
+        env = os.environ.get("RAY_ADDRESS")
+        if env:
+            return check_ray_address(env)
+        current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        if not current.is_file():
+            raise ConfigError("backend.address=auto but no Ray cluster runs on this machine (start one with `ray "
+                              "start --head`, or leave backend.address=null for a private one)")
+        return check_ray_address(current.read_text().strip() or None)
+    parsed = urlparse(address if "://" in address else f"ray://{address}")
+    if not parsed.hostname or not parsed.port:
+        raise ConfigError(f"backend.address={address!r} must be auto, host:port or ray://host:port")
+    if not reachable(parsed.hostname, parsed.port, timeout=3.0):
+        raise ConfigError(f"backend.address={address}: nothing answers at {parsed.hostname}:{parsed.port} within 3 s; "
+                          "check the address and that the cluster is up (`ray status`), or leave backend.address=null")

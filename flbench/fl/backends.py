@@ -103,28 +103,46 @@ def run_inprocess(server_app: ServerApp, client_app: ClientApp, num_clients: int
     return grid
 
 
-def run_ray(server_app: ServerApp, client_app: ClientApp, num_clients: int, cfg: Mapping[str, Any]) -> None:
-    """Flower's simulation engine. Each Ray worker builds the experiment once and reuses it for its clients."""
-    from flwr.simulation import run_simulation
-
+def ray_init_args(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """ray.init arguments for the `backend` group: an existing cluster (`address`), or a private one in a fresh
+    temporary folder (removed after the run unless `temp_dir` names one)."""
+    if cfg.get("address"):
+        return {"address": cfg["address"]}
     init_args: dict[str, Any] = {"num_cpus": int(cfg.get("num_cpus") or os.cpu_count() or 1),
                                  "include_dashboard": False, "_temp_dir": cfg.get("temp_dir") or
                                  tempfile.mkdtemp(prefix="flbench-ray-")}
-    client_gpus = float(cfg.get("client_gpus") or 0)
-    if client_gpus > 0:  # Ray then sets CUDA_VISIBLE_DEVICES in each worker to the GPU its clients were given
+    if float(cfg.get("client_gpus") or 0) > 0:  # Ray then sets CUDA_VISIBLE_DEVICES in each worker to its GPU
         import torch
 
         init_args["num_gpus"] = torch.cuda.device_count()  # explicit: a GPU Ray failed to detect would hang the run
-    if cfg.get("address"):
-        init_args = {"address": cfg["address"]}
+    return init_args
+
+
+def connect_ray(cfg: Mapping[str, Any]) -> None:
+    """Join the existing cluster `backend.address` now, before data and weights are loaded, so that a wrong address
+    fails in seconds (run_ray then reuses the connection)."""
+    import ray
+
+    if cfg.get("address") and not ray.is_initialized():
+        _start_ray(ray_init_args(cfg))
+
+
+def run_ray(server_app: ServerApp, client_app: ClientApp, num_clients: int, cfg: Mapping[str, Any]) -> None:
+    """Flower's simulation engine. Each Ray worker builds the experiment once and reuses it for its clients."""
+    import ray
+    from flwr.simulation import run_simulation
+
+    init_args = ray_init_args(cfg) if not ray.is_initialized() else {"address": cfg.get("address")}
     backend_config = {
         "init_args": init_args,
-        "client_resources": {"num_cpus": float(cfg.get("client_cpus", 1)), "num_gpus": client_gpus},
+        "client_resources": {"num_cpus": float(cfg.get("client_cpus", 1)),
+                             "num_gpus": float(cfg.get("client_gpus") or 0)},
     }
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     FEDERATION_STOP.clear()
     try:
-        _start_ray(init_args)
+        if not ray.is_initialized():
+            _start_ray(init_args)
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_clients,
                        backend_config=backend_config, verbose_logging=False)
     except BaseException:
@@ -134,9 +152,14 @@ def run_ray(server_app: ServerApp, client_app: ClientApp, num_clients: int, cfg:
         _stop_ray(init_args.get("_temp_dir") if not cfg.get("temp_dir") else None)
 
 
+RAY_CONNECT_TIMEOUT_S = 10.0  # an existing cluster answers in a second or two; ray.init would keep retrying
+
+
 def _start_ray(init_args: Mapping[str, Any]) -> None:
     """ray.init as Flower's Ray backend would do it (which then reuses this session), keeping the process's SIGTERM
-    handler: ray.init replaces it with one that calls sys.exit, which would skip the one-line stop (flbench.cli)."""
+    handler (ray.init replaces it with one that calls sys.exit, which would skip the one-line stop of flbench.cli),
+    and giving up on an existing cluster (`backend.address`) that does not answer within RAY_CONNECT_TIMEOUT_S."""
+    import _thread
     import sys
 
     import ray
@@ -144,9 +167,24 @@ def _start_ray(init_args: Mapping[str, Any]) -> None:
     handler = signal.getsignal(signal.SIGTERM)
     pythonpath = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
     os.environ["PYTHONPATH"] = pythonpath  # workers import what this driver imports (as Flower's backend does)
-    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
-             **{"include_dashboard": False, "logging_level": _ray_log_level(), "log_to_driver": _verbose(),
-                **init_args})
+    address = init_args.get("address")
+    watchdog = threading.Timer(RAY_CONNECT_TIMEOUT_S, _thread.interrupt_main) if address else None
+    if watchdog is not None:
+        watchdog.daemon = True
+        watchdog.start()
+    try:
+        ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
+                 **{"include_dashboard": False, "logging_level": _ray_log_level(), "log_to_driver": _verbose(),
+                    **init_args})
+    except (KeyboardInterrupt, ConnectionError) as error:
+        if isinstance(error, KeyboardInterrupt) and (watchdog is None or watchdog.is_alive()):
+            raise  # the user's Ctrl-C, not the watchdog
+        raise ConfigError(f"backend.address={address}: no Ray cluster answered (within {RAY_CONNECT_TIMEOUT_S:.0f} "
+                          "s); check the address and that the cluster is up (`ray status`), or leave "
+                          "backend.address=null") from None
+    finally:
+        if watchdog is not None:
+            watchdog.cancel()
     if threading.current_thread() is threading.main_thread() and handler is not None:
         signal.signal(signal.SIGTERM, handler)
 

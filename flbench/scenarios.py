@@ -24,6 +24,7 @@ import numpy as np
 
 from flbench.datasets.base import DatasetBundle, ImageSet
 from flbench.errors import ConfigError
+from flbench.registry import Registry
 from flbench.metrics import harmonic_mean
 
 PREFIXES = ("val/", "test/")
@@ -80,14 +81,8 @@ class ScenarioData:
         return out
 
 
-SCENARIOS: dict[str, Callable[..., ScenarioData]] = {}
-
-
-def register(name: str) -> Callable[[Callable[..., ScenarioData]], Callable[..., ScenarioData]]:
-    def wrap(fn: Callable[..., ScenarioData]) -> Callable[..., ScenarioData]:
-        SCENARIOS[name] = fn
-        return fn
-    return wrap
+SCENARIOS: Registry[Callable[..., ScenarioData]] = Registry("scenarios", "scenario.name")
+register = SCENARIOS.register
 
 
 # --- building blocks ---------------------------------------------------------------------------------------------
@@ -303,6 +298,4 @@ def unseen_clients(bundle: DatasetBundle, fraction: float = 0.2, finetune_epochs
 
 def build_scenario(name: str, bundle: DatasetBundle, options: Mapping[str, Any] | None = None,
                    dataset_cfg: Mapping[str, Any] | None = None) -> ScenarioData:
-    if name not in SCENARIOS:
-        raise ConfigError(f"scenario.name={name!r} is unknown; choose one of {sorted(SCENARIOS)}")
-    return SCENARIOS[name](bundle, dataset_cfg=dataset_cfg, **dict(options or {}))
+    return SCENARIOS.get(name)(bundle, dataset_cfg=dataset_cfg, **dict(options or {}))

@@ -8,6 +8,7 @@ along into the record and its hash: a "tuned" run that used the defaults.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import tempfile
@@ -19,7 +20,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from flbench.algorithms.base import method_class
-from flbench.datasets import LOADERS
+from flbench.datasets import DATASETS
 from flbench.datasets.partition import PARTITIONS
 from flbench.errors import ConfigError, unknown_keys_message
 from flbench.io import check_writable
@@ -53,11 +54,28 @@ def option_keys(group: str, name: str) -> frozenset[str]:
     return frozenset(keys | set(OPTIONAL_KEYS.get((group, name), ())))
 
 
-def _group_keys(group: str, section: Mapping[str, Any]) -> frozenset[str] | None:
-    name = section.get("name")
-    keys = set(option_keys(group, str(name)))
+# Arguments the code passes itself to a registered part (never config keys).
+PASSED_BY_CODE = {"dataset": (), "partition": ("labels", "domains", "num_clients", "shots", "seed"),
+                  "scenario": ("bundle", "dataset_cfg")}
+
+
+def declared_keys(group: str, name: str) -> set[str]:
+    """The keys a registered part declares in its signature: a method's hyper-parameters, a dataset loader's,
+    partition's or scenario's keyword arguments (none known when it takes **kwargs)."""
     if group == "algorithm":
-        keys |= {"name", *method_class(name).hyperparameters()}
+        return {"name", *method_class(name).hyperparameters()}
+    registry = {"dataset": DATASETS, "partition": PARTITIONS, "scenario": SCENARIOS}.get(group)
+    if registry is None:
+        return set()
+    params = inspect.signature(registry.get(name)).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return set()
+    return {"name"} | {p.name for p in params if p.name not in PASSED_BY_CODE[group]}
+
+
+def _group_keys(group: str, section: Mapping[str, Any]) -> frozenset[str] | None:
+    name = str(section.get("name"))
+    keys = set(option_keys(group, name)) | declared_keys(group, name)
     return frozenset(keys) if keys else None
 
 
@@ -230,7 +248,7 @@ def validate(cfg: Mapping[str, Any]) -> None:
                                           ("partition.alpha", 0, False, False), ("partition.min_samples", 1, True, True),
                                           ("protocol.fraction", 0, False, False)):
         _number(cfg, path, low, inclusive, integer)
-    _named(cfg, "dataset", LOADERS)
+    _named(cfg, "dataset", DATASETS)
     _named(cfg, "partition", PARTITIONS)
     _named(cfg, "protocol", PROTOCOLS)
     _named(cfg, "scenario", SCENARIOS)

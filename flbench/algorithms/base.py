@@ -23,10 +23,11 @@ from torch import nn
 from flbench.algorithms.prompting import handcrafted_text_features
 from flbench.backbones.clip import FrozenCLIP, normalize
 from flbench.errors import ConfigError, unknown_keys_message
+from flbench.registry import Registry
 
 Encoded = Any  # a tensor, or a tuple of tensors for methods that also need patch features
 
-_REGISTRY: dict[str, type["PromptMethod"]] = {}
+METHODS: Registry[type["PromptMethod"]] = Registry("methods", "algorithm.name")
 # Constructor arguments the experiment passes itself: never config keys.
 NOT_HYPERPARAMETERS = ("self", "backbone", "classnames", "templates")
 
@@ -66,7 +67,7 @@ class PromptMethod(nn.Module):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "name" in cls.__dict__:
-            _REGISTRY[cls.name] = cls
+            METHODS.register(cls.name, cls)
 
     def __init__(self, backbone: FrozenCLIP, classnames: Sequence[str], templates: Sequence[str] = ("a photo of a {}.",),
                  **hparams: Any) -> None:
@@ -105,6 +106,18 @@ class PromptMethod(nn.Module):
         loss = self.loss(encoded, labels)
         backward_outside_autocast(loss if self.loss_scale is None else loss * self.loss_scale)
         return loss.detach()
+
+    # --- cohort training (flbench.engine.train_cohort; flbench.algorithms.cohort) --------------------------------
+    # True when `cohort_backward` trains K clients in one step. Methods that do not stack train one client at a time.
+    stacks: ClassVar[bool] = False
+
+    def cohort_backward(self, states: Sequence[Any], encoded: Sequence[Encoded], labels: Sequence[torch.Tensor]
+                        ) -> list[torch.Tensor]:
+        """One training step of K > 1 clients (`cohort.ClientState`s: each client's leaves and buffers) with the
+        text tower run once on their stacked prompts; gradients land in each client's leaves' `.grad`, exactly as
+        `backward` would give them client by client (up to floating-point reassociation). Returns the per-client
+        detached losses. Only for `stacks = True`."""
+        raise NotImplementedError(f"{self.name} does not stack its state (PromptMethod.stacks is False)")
 
     # --- what travels --------------------------------------------------------------------------------------
     def shared_keys(self) -> list[str]:
@@ -187,17 +200,19 @@ def _import_all() -> None:
             importlib.import_module(f"flbench.algorithms.{info.name}")
 
 
+METHODS.on_miss(_import_all)
+
+
 def method_class(name: str) -> type[PromptMethod]:
-    if name not in _REGISTRY:
-        _import_all()
-    if name not in _REGISTRY:
-        raise ConfigError(f"algorithm.name={name!r} is not a registered method; available: {sorted(_REGISTRY)}")
-    return _REGISTRY[name]
+    """The method class `algorithm.name` names: a built-in, an entry point, or a module:Class path."""
+    cls = METHODS.get(name)
+    if not (isinstance(cls, type) and issubclass(cls, PromptMethod)):
+        raise ConfigError(f"algorithm.name={name!r} is {cls!r}, not a PromptMethod subclass")
+    return cls
 
 
 def available_methods() -> list[str]:
-    _import_all()
-    return sorted(_REGISTRY)
+    return METHODS.names()
 
 
 def build_method(name: str, backbone: FrozenCLIP, classnames: Sequence[str], templates: Sequence[str],

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from flbench.datasets.base import DatasetBundle
-from flbench.errors import ConfigError
+from flbench.registry import Registry
 
 Loader = Callable[..., DatasetBundle]
 
 # name → "module:function"; imported lazily so a user without (say) torchvision datasets still runs the suite.
-LOADERS: dict[str, str] = {
+BUILTIN_LOADERS: dict[str, str] = {
     "synthetic": "flbench.datasets.synthetic:load_synthetic",
     # real datasets (docs/datasets.md): CoOp's layout and split files, ImageNet and its variants, DomainNet, CIFAR
     **{name: f"flbench.datasets.coop:load_{name}" for name in (
@@ -26,13 +25,13 @@ LOADERS: dict[str, str] = {
 }
 
 
+DATASETS: Registry[Loader] = Registry("datasets", "dataset.name", lazy=BUILTIN_LOADERS)
+
+
 def load_dataset(cfg: Mapping[str, Any], image_size: int | None = None) -> DatasetBundle:
     """The bundle `cfg` names. `image_size` (the backbone's) fills `dataset.image_size` when that is unset (null)."""
     options = dict(cfg)
     name = options.pop("name", None)
     if options.get("image_size") is None and image_size is not None:
         options["image_size"] = int(image_size)
-    if name not in LOADERS:
-        raise ConfigError(f"dataset.name={name!r} is unknown; choose one of {sorted(LOADERS)}")
-    module, function = LOADERS[name].split(":")
-    return getattr(importlib.import_module(module), function)(**options)
+    return DATASETS.get(name)(**options)

@@ -13,16 +13,11 @@ from typing import Any
 
 import numpy as np
 from flbench.errors import ConfigError
+from flbench.registry import Registry
 
 Partitioner = Callable[..., list[np.ndarray]]
-PARTITIONS: dict[str, Partitioner] = {}
-
-
-def register(name: str) -> Callable[[Partitioner], Partitioner]:
-    def wrap(fn: Partitioner) -> Partitioner:
-        PARTITIONS[name] = fn
-        return fn
-    return wrap
+PARTITIONS: Registry[Partitioner] = Registry("partitions", "partition.name")
+register = PARTITIONS.register
 
 
 def few_shot(labels: np.ndarray, shots: int, rng: np.random.Generator, pool: np.ndarray | None = None) -> np.ndarray:
@@ -204,8 +199,7 @@ def quantity_skew(labels: np.ndarray, domains: np.ndarray, num_clients: int, sho
 
 def partition(name: str, labels: np.ndarray, domains: np.ndarray, num_clients: int, shots: int, seed: int,
               options: Mapping[str, Any] | None = None) -> list[np.ndarray]:
-    if name not in PARTITIONS:
-        raise ConfigError(f"partition.name={name!r} is unknown; choose one of {sorted(PARTITIONS)}")
+    split = PARTITIONS.get(name)
     if num_clients < 1:
         raise ConfigError(f"num_clients={num_clients} must be at least 1")
-    return PARTITIONS[name](labels, domains, num_clients=num_clients, shots=shots, seed=seed, **dict(options or {}))
+    return split(labels, domains, num_clients=num_clients, shots=shots, seed=seed, **dict(options or {}))

@@ -24,6 +24,7 @@ from flbench.algorithms.base import Encoded, PromptMethod
 from flbench.datasets.base import ImageSet
 from flbench.engine import GradientHook, LocalResult
 from flbench.errors import ConfigError
+from flbench.registry import Registry
 
 
 @dataclass
@@ -66,18 +67,15 @@ class Protocol:
     communication: float = 1.0
 
 
-PROTOCOLS: dict[str, Protocol] = {}
-
-
-def register(name: str, protocol: Protocol) -> Protocol:
-    PROTOCOLS[name] = protocol
-    return protocol
+PROTOCOLS: Registry[Protocol] = Registry("protocols", "protocol.name")
+register = PROTOCOLS.register
 
 
 def get_protocol(name: str) -> Protocol:
-    if name not in PROTOCOLS:
-        raise ConfigError(f"protocol.name={name!r} is unknown; choose one of {sorted(PROTOCOLS)}")
-    return PROTOCOLS[name]
+    protocol = PROTOCOLS.get(name)
+    if not isinstance(protocol, Protocol):
+        raise ConfigError(f"protocol.name={name!r} is {protocol!r}, not a flbench.fl.protocols.Protocol")
+    return protocol
 
 
 def sampling_kwargs(cfg: Mapping[str, Any], num_nodes: int) -> dict[str, Any]:

@@ -60,6 +60,9 @@ GROUPS = (1, 2, 4)
 GQA_GROUP = 2  # the K/V budget of 3:1:6 over (1, 2, 4): 50 % of dense
 RATIOS = {"3:1:6": (3.0, 1.0, 6.0), "1:1:8": (1.0, 1.0, 8.0)}
 TOL = {torch.bfloat16: 3e-2, torch.float16: 5e-3, torch.float32: 1e-4}
+# --quick keeps these methods: the kernel, the model's layer with it (routing on), and the dense baselines.
+QUICK = ("routed-KV Triton kernel", "dense flash SDPA", "dense layer: fused QKV + flash",
+         "RoutedKVAttention, Triton kernel, routing")
 
 
 @dataclass(frozen=True)
@@ -183,26 +186,27 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item() if b.numel() else 0.0
 
 
-def grads_of(run, inputs, upstream, backward: bool):
+def grads_of(run, inputs, upstream, backward: bool, rows):
+    """(output, input gradients) for the upstream gradient made by ``upstream(output)`` times the compared rows."""
     inputs = [t.detach().requires_grad_() for t in inputs]
     out = run(*inputs)
+    if not torch.is_tensor(upstream):
+        upstream = upstream(out)
+    # [B, L] rows -> the output's layout: [B, H, L, d] (cores) or [B, L, width] (layers).
+    rows = rows[:, None, :, None] if out.dim() == 4 else rows[:, :, None]
+    upstream = upstream * rows
     grads = torch.autograd.grad(out, inputs, upstream.to(out.dtype)) if backward else []
-    return out.detach(), [g.detach() for g in grads]
+    return out.detach() * rows, [g.detach() for g in grads], upstream
 
 
 def check(run, inputs, reference, valid_only: bool, valid: torch.Tensor, backward: bool, tol: float) -> dict:
     """Output and input gradients vs an fp32 reference for one upstream gradient (zero on rows not compared)."""
     gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        probe = run(*[t.detach() for t in inputs])
-    upstream = torch.randn(probe.shape, generator=gen).to(probe.device)
     rows = valid if valid_only else torch.ones_like(valid)
-    # [B, L] rows -> the output's layout: [B, H, L, d] (cores) or [B, L, width] (layers).
-    rows = rows[:, None, :, None] if probe.dim() == 4 else rows[:, :, None]
-    upstream = upstream * rows
-    out, grads = grads_of(run, inputs, upstream, backward)
-    ref, ref_grads = grads_of(reference, [t.float() for t in inputs], upstream, backward)
-    out_err = rel_err(out * rows, ref * rows)
+    out, grads, upstream = grads_of(run, inputs, lambda o: torch.randn(o.shape, generator=gen).to(o.device),
+                                    backward, rows)
+    ref, ref_grads, _ = grads_of(reference, [t.float() for t in inputs], upstream.float(), backward, rows)
+    out_err = rel_err(out, ref)
     grad_err = max((rel_err(g, r) for g, r in zip(grads, ref_grads)), default=None)
     finite = bool(torch.isfinite(out).all()) and all(bool(torch.isfinite(g).all()) for g in grads)
     ok = finite and out_err <= tol and (grad_err is None or grad_err <= tol)
@@ -223,6 +227,8 @@ def timings(run, inputs, device, args, backward: bool) -> dict:
             upstream.append(torch.randn_like(out))
         torch.autograd.grad(out, leaves, upstream[0])
 
+    if args.reps == 0:  # --reps 0: checks only (the dry run)
+        return {}
     result = {"fwd_ms": time_ms(fwd, device, args.warmup, args.reps)}
     if backward:
         result["fwd_bwd_ms"] = time_ms(step, device, args.warmup, args.reps)
@@ -294,7 +300,11 @@ def render(results: Results) -> list[str]:
                          f"{fmt_err(r.get('out_err'))} | {fmt_err(r.get('grad_err'))} | {r.get('check', '-')} | "
                          f"{r.get('note', '')} |")
         lines.append("")
-    lines += targets(results.rows) + [""] + [f"- {n}" for n in results.notes]
+    if meta.get("smoke"):
+        lines += ["## Targets", "", "Not evaluated: CPU smoke run (interpreter timings, tiny shapes).", ""]
+    else:
+        lines += targets(results.rows) + [""]
+    lines += [f"- {n}" for n in results.notes]
     return lines
 
 
@@ -342,8 +352,10 @@ def parse_args(argv):
     parser.add_argument("--shapes", default="image,text", help="comma list of: image, text")
     parser.add_argument("--ratios", default=None, help="comma list of: 3:1:6, 1:1:8 (smoke default: 3:1:6)")
     parser.add_argument("--warmup", type=int, default=None)
-    parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--reps", type=int, default=None, help="timed runs per figure (0: check only, no timing)")
     parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compiles are the slow part)")
+    parser.add_argument("--quick", action="store_true", help="only the kernel, the model's layer with it, and the "
+                        "dense baselines, no FlexAttention (what gpu_check.sh --dry-run runs)")
     parser.add_argument("--budget-s", type=float, default=240.0, help="hard limit for the whole run, compiles "
                         "included; rows not finished are marked, and the process exits 30 s after it at the latest")
     args = parser.parse_args(argv)
@@ -387,7 +399,7 @@ def main(argv=None) -> int:
     budget.start_watchdog(30.0, lambda: results.note("killed: the time budget ran out inside a step that did not "
                                                      "return to Python"))
     cases = {}
-    for flex in ([False] if args.no_flex else [False, True]):
+    for flex in ([False] if args.no_flex or args.quick else [False, True]):
         for level in ("attention core", "whole layer"):
             for key in args.shapes:
                 shape = shapes[key]
@@ -414,11 +426,15 @@ def run_level(level, shape, case, device, args, results, budget, base, flex: boo
     try:
         if level == "attention core":
             for name, run, inputs, reference, valid_only, held in core_methods(case, shape, device, flex):
+                if args.quick and name not in QUICK:
+                    continue
                 measure(results, budget, {**base, "method": name, "kv_held_pct": held}, run, inputs, reference,
                         valid_only, case, device, args)
         else:
             ratios = RATIOS[base["ratio"]]
             for name, layer in layer_methods(shape, ratios, device, args.dtype, flex):
+                if args.quick and name not in QUICK:
+                    continue
                 run_layer_method(name, layer, shape, case, device, args, results, budget, base)
     except Exception as exc:  # building a method failed (e.g. no FlexAttention in this torch): say so, go on
         results.add({**base, "method": "(setup)", "note": error_text(exc)})

@@ -103,16 +103,19 @@ def _refuse_unknown(prefix: str, section: Mapping[str, Any], known: set[str] | f
         raise ConfigError(message.replace(" is not a known key", f" is not a known key{where}", 1))
 
 
-def check_finite(value: Any, path: str = "") -> None:
-    """NaN and ±inf are refused everywhere: every range check compares, and every comparison with NaN is false."""
+def check_values(value: Any, path: str = "") -> None:
+    """NaN and ±inf are refused everywhere (every range check compares, and every comparison with NaN is false), and
+    so is a mandatory value left unset (`???` in a YAML, e.g. dataset=coop_layout's directory)."""
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{path}={value} must be a finite number")
+    if value == "???":
+        raise ConfigError(f"{path} must be set (it is ??? in its YAML): add {path}=...")
     if isinstance(value, Mapping):
         for key, item in value.items():
-            check_finite(item, f"{path}.{key}" if path else str(key))
+            check_values(item, f"{path}.{key}" if path else str(key))
     elif isinstance(value, (list, tuple)):
         for i, item in enumerate(value):
-            check_finite(item, f"{path}[{i}]")
+            check_values(item, f"{path}[{i}]")
 
 
 REQUIRED = ("seed", "shots", "num_clients", "num_rounds", "dataset", "backbone", "algorithm", "protocol", "partition",
@@ -239,7 +242,7 @@ def validate(cfg: Mapping[str, Any]) -> None:
     missing = [key for key in REQUIRED if key not in cfg]
     if missing:
         raise ConfigError(f"config is missing {missing}; start from conf/config.yaml or `python -m flbench --cfg job`")
-    check_finite(cfg)
+    check_values(cfg)
     _at_most(cfg, "seed", 2**63 - 1)
     for path, low, inclusive, integer in (("seed", 0, True, True), ("shots", 1, True, True),
                                           ("num_clients", 1, True, True), ("num_rounds", 0, True, True),

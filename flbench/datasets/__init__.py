@@ -19,6 +19,7 @@ BUILTIN_LOADERS: dict[str, str] = {
         "eurosat", "ucf101")},
     **{name: f"flbench.datasets.imagenet:load_{name}" for name in (
         "imagenet", "imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")},
+    "coop_layout": "flbench.datasets.coop:load_coop_layout",  # any CoOp-layout dataset from its config alone
     "domainnet": "flbench.datasets.domainnet:load_domainnet",
     "cifar10": "flbench.datasets.cifar:load_cifar10",
     "cifar100": "flbench.datasets.cifar:load_cifar100",

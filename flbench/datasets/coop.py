@@ -11,6 +11,7 @@ Class names are taken from the split file with "_" turned into spaces (CoOp's pr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +65,7 @@ def _labelled(dataset: str, path: Path, entries: dict[str, list[tuple[str, int, 
                                   f"({names[label]!r} and {classname!r}); the split file is corrupt")
     kept = [label for label in sorted(names) if names[label] not in drop]
     relabel = {old: new for new, old in enumerate(kept)}
-    if len(kept) != num_classes:
+    if num_classes and len(kept) != num_classes:  # 0: not known in advance (dataset=coop_layout)
         raise ConfigError(f"dataset {dataset}: {path} has {len(kept)} classes, expected {num_classes} "
                           f"(dataset.num_classes); the split file is incomplete or belongs to another dataset")
     splits = {}
@@ -122,9 +123,9 @@ def read_aircraft(dataset: str, directory: Path, num_classes: int) -> tuple[list
     return _labelled(dataset, variants_file, entries, (), num_classes)
 
 
-def read_coop(dataset: str, root: Any, num_classes: int | None = None) -> RawDataset:
-    """What is on disk for one CoOp dataset (no image is opened)."""
-    spec = SPECS[dataset]
+def read_coop(dataset: str, root: Any, num_classes: int | None = None, spec: CoOpSpec | None = None) -> RawDataset:
+    """What is on disk for one CoOp dataset (no image is opened); `spec` describes a dataset outside SPECS."""
+    spec = spec or SPECS[dataset]
     data_root, directory = check_root(dataset, root, spec.directory, spec.split_file)
     expected = int(num_classes or spec.num_classes)
     if dataset == "fgvc_aircraft":
@@ -151,7 +152,27 @@ def load_coop(dataset: str, root: Any = None, shots: int | None = 16, fewshot_se
                         augment)
 
 
-# One loader per dataset name (LOADERS in flbench/datasets/__init__.py maps `dataset.name` to these).
+def load_coop_layout(directory: str, split_file: str, images: str = "", title: str | None = None,
+                     templates: list[str] | None = None, classnames: list[str] | None = None, root: Any = None,
+                     shots: int | None = 16, fewshot_seed: int = 0, val_shots: int | None = 4,
+                     image_size: int | None = None, workers: int | None = None, num_classes: int | None = None,
+                     fewshot_dir: str | None = None, augment: bool = True) -> DatasetBundle:
+    """Any dataset in CoOp's layout, described by its config alone (conf/dataset/coop_layout.yaml): a folder under
+    `root`, a split file in CoOp's format, the image folder its paths are relative to, prompt templates, and
+    optionally the class names to prompt with (label order; default: the split file's). A 12th dataset needs no
+    code: copy that YAML and fill it in."""
+    title = title or directory
+    raw = read_coop(title, root, num_classes, CoOpSpec(title, directory, images, split_file, int(num_classes or 0)))
+    if classnames is not None:
+        if len(classnames) != len(raw.classnames):
+            raise ConfigError(f"dataset.classnames lists {len(classnames)} names but {raw.directory / split_file} has "
+                              f"{len(raw.classnames)} classes")
+        raw = dataclasses.replace(raw, classnames=[str(name) for name in classnames])
+    return build_bundle(raw, shots, fewshot_seed, val_shots, image_size, workers, fewshot_dir,
+                        list(templates or ["a photo of a {}."]), augment)
+
+
+# One loader per dataset name (BUILTIN_LOADERS in flbench/datasets/__init__.py maps `dataset.name` to these).
 def load_caltech101(**options: Any) -> DatasetBundle:
     return load_coop("caltech101", **options)
 

@@ -15,10 +15,26 @@ Figures (each the median over the steady rounds, round 2 on, of several runs, ev
 for the tiny CLIP on the synthetic suite (`--backbone tiny`, the default experiment) and for a random-weight
 ViT-B/16 at 224 px with a few images per client (`--backbone vit_b16`).
 
+Text-length trimming (issue 17, flbench/backbones/text.py), old vs new in one call, runs paired (trimmed, untrimmed,
+trimmed, ...) so that drift of a shared machine hits both alike; "untrimmed" is the same code with
+FLBENCH_TRIM_TEXT=0:
+
+- `trim`: seconds per round trimmed and untrimmed, cached and uncached; the speed-ups; the cache speed-up with
+  trimming; whether the metrics are identical (accuracies exactly, losses to 1e-5);
+- `experiment`: the default experiment (`python -m flbench`) under /usr/bin/time -v, warm (the caches given) and
+  cold (an empty FLBENCH_CACHE per run), trimmed and untrimmed: wall seconds and peak RSS;
+- `bucket`: whether one call per prompt length (each trimmed to its own length) beats one trimmed call;
+- `pretrain`: tiny-CLIP pretraining alone (corpus rendering timed apart), the build as it is ("new") and as it was
+  before issue 17 ("old": untrimmed text, unfused AdamW, every caption batch tokenised), same seed and steps.
+
     python benchmarks/fl_round.py rounds --backbone tiny --repeats 3 --rounds 5
     python benchmarks/fl_round.py cache --backbone tiny
     python benchmarks/fl_round.py memory --backbone tiny
     python benchmarks/fl_round.py all --backbone vit_b16 --repeats 2 --rounds 3 --out /tmp/vit.json
+    python benchmarks/fl_round.py trim --backbone vit_b16 --repeats 2 --rounds 3 --out /tmp/vit_trim.json
+    python benchmarks/fl_round.py experiment --repeats 3 --out /tmp/experiment.json
+    python benchmarks/fl_round.py pretrain --models tiny --repeats 2
+    python benchmarks/fl_round.py bucket --models tiny,vit_b16 --repeats 20
 
 Linux only (/proc). Timings are only meaningful on a quiet machine: the script records the 1-minute load average
 before and after each figure. Needs the package's caches (FLBENCH_CACHE); the first ViT-B/16 run renders the
@@ -162,16 +178,23 @@ def load1() -> float:
     return os.getloadavg()[0]
 
 
-def spawn(mode: str, overrides: list[str], threads: int | None) -> dict[str, Any]:
-    """Run one measurement in a fresh Python process; sample the process tree's memory while it runs."""
+def child_env(threads: int | None, extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("FLBENCH_CACHE", str(ROOT / ".cache" / "flbench"))
     env.update(WANDB_MODE="disabled", HF_HUB_OFFLINE="1", FLWR_TELEMETRY_ENABLED="0",
                RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0")
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
+    env.update(extra or {})
+    return env
+
+
+def spawn(mode: str, overrides: list[str], threads: int | None, extra_env: dict[str, str] | None = None,
+          what: str = "_one") -> dict[str, Any]:
+    """Run one measurement in a fresh Python process; sample the process tree's memory while it runs."""
+    env = child_env(threads, extra_env)
     with tempfile.NamedTemporaryFile("r", suffix=".json") as out:
-        cmd = [sys.executable, __file__, "_one", "--mode", mode, "--result", out.name, "--", *overrides]
+        cmd = [sys.executable, __file__, what, "--mode", mode, "--result", out.name, "--", *overrides]
         proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         peak, done = [0], threading.Event()
 
@@ -206,6 +229,10 @@ def steady(results: list[dict[str, Any]]) -> float:
 def repeat(mode: str, overrides: list[str], repeats: int, threads: int | None) -> dict[str, Any]:
     before = load1()
     runs = [spawn(mode, overrides, threads) for _ in range(repeats)]
+    return collect(mode, overrides, runs, before)
+
+
+def collect(mode: str, overrides: list[str], runs: list[dict[str, Any]], before: float) -> dict[str, Any]:
     return {"mode": mode, "overrides": overrides, "round_s": steady(runs),
             "first_round_s": statistics.median(r["round_s"][0] for r in runs),
             "all_round_s": [[round(t, 3) for t in r["round_s"]] for r in runs],
@@ -245,6 +272,181 @@ def bench_memory(base: list[str], args: argparse.Namespace) -> dict[str, Any]:
     return {mode: repeat(mode, overrides, 1, args.threads) for mode in args.memory_modes}
 
 
+# --- text-length trimming, old vs new (issue 17) --------------------------------------------------------------------
+TRIM = {"trimmed": {"FLBENCH_TRIM_TEXT": "1"}, "untrimmed": {"FLBENCH_TRIM_TEXT": "0"}}
+
+
+def paired(overrides: list[str], repeats: int, threads: int | None,
+           variants: dict[str, tuple[str, dict[str, str]]], what: str = "_one") -> dict[str, list[dict[str, Any]]]:
+    """Runs of every variant (name: (mode, extra environment)) in turn, A B A B ...: slow spells of a shared machine
+    hit both variants alike."""
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, (mode, env) in variants.items():
+            runs[name].append(spawn(mode, overrides, threads, env, what))
+    return runs
+
+
+def accuracies_identical(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> bool:
+    keys = [k for k in a[-1] if k.startswith(("val/", "test/"))]
+    return len(a) == len(b) and all(x.get(k) == y.get(k) for x, y in zip(a, b) for k in keys)
+
+
+def loss_gap(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> float:
+    """Largest relative difference of the per-round training loss."""
+    gaps = [abs(x[k] - y[k]) / max(abs(y[k]), 1e-12) for x, y in zip(a, b) for k in x if k.endswith("loss")]
+    return max(gaps, default=0.0)
+
+
+def bench_trim(base: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    overrides = [*COMMON, *base, f"num_rounds={args.rounds}"]
+    out: dict[str, Any] = {}
+    for cache in args.caches:
+        name = "cached" if cache == "true" else "uncached"
+        before = load1()
+        runs = paired([*overrides, f"cache_features={cache}"], args.repeats, args.threads,
+                      {v: ("inprocess", env) for v, env in TRIM.items()})
+        new, old = (collect("inprocess", overrides, runs[v], before) for v in ("trimmed", "untrimmed"))
+        out[f"{name} trimmed"], out[f"{name} untrimmed"] = new, old
+        out[f"{name}: speed-up from trimming"] = old["round_s"] / new["round_s"]
+        out[f"{name}: accuracies identical"] = accuracies_identical(new["history"], old["history"])
+        out[f"{name}: largest relative loss difference"] = loss_gap(new["history"], old["history"])
+    if len(args.caches) == 2:
+        for v in TRIM:
+            out[f"cache speed-up, {v}"] = out[f"uncached {v}"]["round_s"] / out[f"cached {v}"]["round_s"]
+    return out
+
+
+def time_experiment(overrides: list[str], env: dict[str, str]) -> dict[str, Any]:
+    """`python -m flbench` under GNU time: wall seconds and the peak RSS it reports."""
+    with tempfile.TemporaryDirectory(prefix="flbench-exp-") as results, \
+            tempfile.NamedTemporaryFile("r", suffix=".txt") as report:
+        cmd = ["/usr/bin/time", "-v", "-o", report.name, sys.executable, "-m", "flbench", f"results_dir={results}",
+               *overrides]
+        subprocess.run(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+        fields = dict(line.strip().rsplit(": ", 1) for line in report.read().splitlines() if ": " in line)
+    clock = [float(part) for part in fields["Elapsed (wall clock) time (h:mm:ss or m:ss)"].split(":")]
+    wall = sum(v * 60 ** i for i, v in enumerate(reversed(clock)))
+    return {"wall_s": wall, "peak_rss_gib": int(fields["Maximum resident set size (kbytes)"]) / 2 ** 20}
+
+
+def bench_experiment(base: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    """The default experiment as `make run` runs it: warm (caches as they are) and cold (an empty cache per run)."""
+    env = dict(os.environ, WANDB_MODE="offline", HF_HUB_OFFLINE="1", FLWR_TELEMETRY_ENABLED="0",
+               RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0")  # as `make run`
+    env.setdefault("FLBENCH_CACHE", str(ROOT / ".cache" / "flbench"))
+    out: dict[str, Any] = {}
+    for kind in args.kinds:
+        before, runs = load1(), {v: [] for v in TRIM}
+        for _ in range(args.repeats):
+            for variant, switch in TRIM.items():
+                with tempfile.TemporaryDirectory(prefix="flbench-cold-") as empty:
+                    cache = {"FLBENCH_CACHE": empty} if kind == "cold" else {}
+                    runs[variant].append(time_experiment(args.overrides, {**env, **switch, **cache}))
+        for variant, timed in runs.items():
+            walls = [r["wall_s"] for r in timed]
+            out[f"{kind} {variant}"] = {"wall_s": walls, "median_s": statistics.median(walls),
+                                        "peak_rss_gib": max(r["peak_rss_gib"] for r in timed)}
+        out[f"{kind}: load {before:.2f}->{load1():.2f}"] = ""
+    return out
+
+
+def measure_pretrain(variant: str, model_name: str) -> dict[str, Any]:
+    """One tiny-CLIP pretraining, corpus rendering timed apart; "old" = the build before issue 17."""
+    import open_clip
+    import torch
+
+    from flbench.backbones import pretrain, tiny
+    from flbench.backbones.text import text_trimming
+
+    settings = {**pretrain.DEFAULT_PRETRAIN, **pretrain.MODEL_PRETRAIN.get(model_name, {})}
+    size = int(tiny.TINY_CONFIGS[model_name]["vision_cfg"]["image_size"])
+    started = time.perf_counter()
+    corpus = pretrain.pretraining_corpus(settings["corpus"], suite_seed=settings["corpus_seed"], image_size=size)
+    render_s = time.perf_counter() - started
+    pretrain.pretraining_corpus = lambda *_, **__: corpus
+    if variant == "old":
+        pretrain._optimizer = lambda model, lr, wd: torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)
+        pretrain._Tokens = lambda length: open_clip.SimpleTokenizer(context_length=length)
+    torch.manual_seed(int(settings["seed"]))
+    model = open_clip.CLIP(**tiny.TINY_CONFIGS[model_name])
+    started = time.perf_counter()
+    with text_trimming(variant == "new"):
+        pretrain.pretrain_tiny_clip(model, **settings)
+    train_s = time.perf_counter() - started
+    return {"render_s": render_s, "train_s": train_s, "steps": settings["steps"],
+            "steps_per_s": settings["steps"] / train_s}
+
+
+def bench_pretrain(base: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for model_name in args.models:
+        before = load1()
+        runs = paired([model_name], args.repeats, args.threads, {v: (v, {}) for v in ("new", "old")}, "_pretrain")
+        for variant, timed in runs.items():
+            train = [r["train_s"] for r in timed]
+            out[f"{model_name} {variant}"] = {
+                "train_s": train, "median_train_s": statistics.median(train),
+                "steps_per_s": timed[0]["steps"] / statistics.median(train),
+                "median_render_s": statistics.median(r["render_s"] for r in timed),
+                "peak_process_gib": max(r["peak_process_bytes"] for r in timed) / 2 ** 30}
+        out[f"{model_name}: speed-up"] = out[f"{model_name} old"]["median_train_s"] / \
+            out[f"{model_name} new"]["median_train_s"]
+        out[f"{model_name}: load {before:.2f}->{load1():.2f}"] = ""
+    return out
+
+
+def measure_buckets(model_name: str, repeats: int) -> dict[str, Any]:
+    """One CoOp text pass (forward + backward to the context) over a benchmark's class prompts: one call trimmed to
+    the longest prompt, against one call per prompt length (each trimmed to its own length; exact row by row)."""
+    import open_clip
+    import torch
+
+    from flbench.algorithms.prompting import TextPrompt, init_context
+    from flbench.backbones import clip, tiny
+    from flbench.datasets.synthetic import FAMILIES
+
+    torch.manual_seed(0)
+    if model_name == "vit_b16":
+        backbone, family = clip.FrozenCLIP(open_clip.create_model("ViT-B-16", pretrained=None), "ViT-B-16"), "patterns"
+    else:
+        backbone, family = clip.FrozenCLIP(open_clip.CLIP(**tiny.TINY_CONFIGS["tiny"]), "tiny"), "shapes"
+    prompt = TextPrompt(backbone, FAMILIES[family].classnames, 4)
+    ctx = init_context(backbone, 4, "a photo of a").requires_grad_(True)
+    eot = prompt.eot()
+    buckets = [torch.nonzero(eot == length).flatten() for length in torch.unique(eot)]
+
+    def one_call() -> None:
+        backbone.encode_text_embeddings(prompt.assemble(ctx), eot).square().sum().backward()
+
+    def bucketed() -> None:
+        embeddings = prompt.assemble(ctx)
+        parts = [backbone.encode_text_embeddings(embeddings[rows], eot[rows]) for rows in buckets]
+        torch.cat(parts).square().sum().backward()  # row order differs; the loss does not care
+
+    times: dict[str, list[float]] = {"one call": [], "bucketed": []}
+    for _ in range(repeats + 1):  # the first pair warms up
+        for name, fn in (("one call", one_call), ("bucketed", bucketed)):
+            started = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - started)
+    tokens = {"one call": len(eot) * int(eot.max() + 1), "bucketed": int((eot + 1).sum())}
+    return {name: {"median_ms": 1e3 * statistics.median(t[1:]), "tokens": tokens[name], "calls": calls}
+            for (name, t), calls in zip(times.items(), (1, len(buckets)))}
+
+
+def bench_bucket(base: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {"load before": load1()}
+    for model_name in args.models:
+        result = measure_buckets(model_name, args.repeats)
+        for name, figures in result.items():
+            out[f"{model_name} {name}"] = (f"{figures['median_ms']:.1f} ms, {figures['calls']} call(s), "
+                                           f"{figures['tokens']} token positions")
+        out[f"{model_name}: bucketed / one call"] = result["bucketed"]["median_ms"] / result["one call"]["median_ms"]
+    out["load after"] = load1()
+    return out
+
+
 def summary(name: str, result: dict[str, Any]) -> list[str]:
     lines = []
     for key, value in result.items():
@@ -252,14 +454,25 @@ def summary(name: str, result: dict[str, Any]) -> list[str]:
             lines.append(f"{name} {key:10s} {value['round_s']:8.3f} s/round (first {value['first_round_s']:.2f} s) "
                          f"peak tree {value['peak_tree_gib']:.2f} GiB, process {value['peak_process_gib']:.2f} GiB, "
                          f"load {value['load1_before']:.2f}->{value['load1_after']:.2f}")
+        elif isinstance(value, dict) and "median_s" in value:
+            walls = ", ".join(f"{w:.1f}" for w in value["wall_s"])
+            lines.append(f"{name} {key:16s} {value['median_s']:8.2f} s (runs {walls}) "
+                         f"peak RSS {value['peak_rss_gib']:.2f} GiB")
+        elif isinstance(value, dict) and "median_train_s" in value:
+            trains = ", ".join(f"{t:.1f}" for t in value["train_s"])
+            lines.append(f"{name} {key:14s} {value['median_train_s']:8.2f} s training "
+                         f"({value['steps_per_s']:.2f} step/s; runs {trains}), corpus rendering "
+                         f"{value['median_render_s']:.1f} s, peak {value['peak_process_gib']:.2f} GiB")
         elif not isinstance(value, dict):
-            lines.append(f"{name} {key} = {value:.3f}" if isinstance(value, float) else f"{name} {key} = {value}")
+            text = f"{value:.3f}" if isinstance(value, float) else str(value)
+            lines.append(f"{name} {key} = {text}" if text else f"{name} {key}")
     return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["rounds", "cache", "memory", "all", "_one"])
+    parser.add_argument("what", choices=["rounds", "cache", "memory", "all", "trim", "experiment", "pretrain",
+                                         "bucket", "_one", "_pretrain"])
     parser.add_argument("--backbone", choices=sorted(BACKBONES), default="tiny")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=5)
@@ -268,6 +481,9 @@ def main() -> None:
     parser.add_argument("--fraction", type=float, default=0.1)
     parser.add_argument("--memory-rounds", type=int, default=2)
     parser.add_argument("--memory-modes", default="inprocess,ray", type=lambda s: s.split(","))
+    parser.add_argument("--caches", default="true,false", type=lambda s: s.split(","), help="trim: cache_features")
+    parser.add_argument("--kinds", default="warm,cold", type=lambda s: s.split(","), help="experiment: warm,cold")
+    parser.add_argument("--models", default="tiny", type=lambda s: s.split(","), help="pretrain: tiny,tiny-vit")
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the measured processes")
     parser.add_argument("--out", default=None, help="write every figure as JSON here")
     parser.add_argument("--mode", help=argparse.SUPPRESS)
@@ -279,9 +495,13 @@ def main() -> None:
     if args.what == "_one":
         Path(args.result).write_text(json.dumps(measure_one(args.mode, args.overrides)))
         return
+    if args.what == "_pretrain":
+        Path(args.result).write_text(json.dumps(measure_pretrain(args.mode, args.overrides[0])))
+        return
     base = [*BACKBONES[args.backbone], *args.overrides]
-    benches = {"rounds": bench_rounds, "cache": bench_cache, "memory": bench_memory}
-    chosen = list(benches) if args.what == "all" else [args.what]
+    benches = {"rounds": bench_rounds, "cache": bench_cache, "memory": bench_memory, "trim": bench_trim,
+               "experiment": bench_experiment, "pretrain": bench_pretrain, "bucket": bench_bucket}
+    chosen = ["rounds", "cache", "memory"] if args.what == "all" else [args.what]
     results: dict[str, Any] = {"backbone": args.backbone, "cpu_count": os.cpu_count(), "argv": sys.argv[1:]}
     for name in chosen:
         results[name] = benches[name](base, args)

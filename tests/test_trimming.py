@@ -1,10 +1,11 @@
 """Text-length trimming (flbench/backbones/text.py) is exact: every method's logits, loss and gradients agree with
-and without it on both tiny CLIPs, and those of one method per way into the text tower on a random-weight ViT-B/16; trimming really runs fewer positions; a non-causal
-text tower is never trimmed.
+and without it on both tiny CLIPs, and those of one method per way into the text tower on a random-weight ViT-B/16;
+trimming really runs fewer positions; a non-causal text tower is never trimmed.
 
 Tolerance: max |trimmed − untrimmed| ≤ 5e-5 × the largest untrimmed magnitude of each tensor (logits, loss, each
-gradient), i.e. about 400 fp32 ulps (eps = 1.2e-7) of its largest value. Trimming changes no term of any sum that reaches an EOT output — the masked
-positions contribute exact zeros — but the matrix products and softmax reductions run over arrays of another shape,
+gradient), i.e. about 400 fp32 ulps (eps = 1.2e-7) of its largest value. Trimming changes no term of any sum that
+reaches an EOT output — the masked positions contribute exact zeros — but the matrix products and softmax
+reductions run over arrays of another shape,
 so the CPU kernels block and order the same sums differently. Measured: logits and losses ≤ 5e-6, gradients ≤ 7e-6,
 except FedTPG's query gradient on ViT-B/16 at 1.2e-5 (it crosses the 12-layer text tower and the generator's
 attention); a wrong trim (one position short, a mask not sliced with the input, a prompt slot cut off) is off by
@@ -29,8 +30,8 @@ TOL = 5e-5
 # Small settings where a method's default would only cost time (the trimming argument does not depend on them).
 HPARAMS = {"proda": dict(n_prompts=2), "plot": dict(n_prompts=2), "vpt": dict(n_tokens=2), "fedtpg": dict(heads=4)}
 # Context slots after the class name too: the longest row's EOT moves, and the trim must follow it.
-EXTRA = [("coop", dict(class_token_position="middle")), ("coop", dict(class_token_position="front", n_ctx=2, ctx_init=None)),
-         ("coop", dict(class_specific=True))]
+EXTRA = [("coop", dict(class_token_position="middle")),
+         ("coop", dict(class_token_position="front", n_ctx=2, ctx_init=None)), ("coop", dict(class_specific=True))]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

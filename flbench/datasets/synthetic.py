@@ -9,6 +9,7 @@ attribute×object combinations, so zero-shot accuracy is above chance but far fr
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import multiprocessing as mp
@@ -17,6 +18,7 @@ from functools import cached_property
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from flbench.datasets.base import DatasetBundle, TensorImageSet
 from flbench.datasets.render import COLOURS, PATTERNS, RENDER_VERSION, RenderSpec, render_many
@@ -83,13 +85,26 @@ FAMILIES: dict[str, Family] = {
 }
 
 
-def _render_parallel(specs: list[RenderSpec], workers: int) -> np.ndarray:
-    """Render in forked processes: they only touch numpy and PIL, so forking next to torch is safe."""
-    chunks = [specs[i:i + 512] for i in range(0, len(specs), 512)]
-    if workers <= 1 or len(chunks) <= 1:
-        return np.concatenate([render_many(c) for c in chunks]) if chunks else np.zeros((0, 1, 1, 3), np.uint8)
-    with mp.get_context("fork").Pool(workers) as pool:
-        return np.concatenate(pool.map(render_many, chunks))
+def _render_parallel(specs: list[RenderSpec], workers: int, desc: str = "rendering") -> np.ndarray:
+    """Render in forked processes (they only touch numpy and PIL, so forking next to torch is safe), with a
+    progress bar: at 224 px a suite takes minutes. The bar shows on a terminal only (tqdm's default), so sweep
+    workers writing to log files stay quiet."""
+    chunk = 64 if specs and specs[0][-1] >= 128 else 512  # spec[-1]: the image size
+    chunks = [specs[i:i + chunk] for i in range(0, len(specs), chunk)]
+    if not chunks:
+        return np.zeros((0, 1, 1, 3), np.uint8)
+    bar = tqdm(total=len(specs), desc=desc, unit="img", mininterval=1.0, disable=None)
+    parts = []
+    with contextlib.ExitStack() as stack:
+        if workers > 1 and len(chunks) > 1:
+            rendered = stack.enter_context(mp.get_context("fork").Pool(workers)).imap(render_many, chunks)
+        else:
+            rendered = map(render_many, chunks)
+        for part in rendered:
+            parts.append(part)
+            bar.update(len(part))
+    bar.close()
+    return np.concatenate(parts)
 
 
 def render_split(family: Family, domains: tuple[str, ...], split: str, per_class: int, suite_seed: int,
@@ -120,7 +135,8 @@ def render_split(family: Family, domains: tuple[str, ...], split: str, per_class
                 domain_list.append(d)
     log.info("rendering %d %s/%s images (first time only; cached in %s)", len(specs), family.name, split,
              path.parent)
-    images = np.ascontiguousarray(_render_parallel(specs, workers).transpose(0, 3, 1, 2))
+    images = np.ascontiguousarray(_render_parallel(specs, workers, f"rendering {family.name}/{split}")
+                                  .transpose(0, 3, 1, 2))
     label_arr, domain_arr = np.asarray(label_list, np.int64), np.asarray(domain_list, np.int64)
     if cache:
         atomic_write(path, lambda f: np.savez(f, images=images, labels=label_arr, domains=domain_arr))

@@ -171,6 +171,9 @@ def few_shot(bundle: DatasetBundle, **_: Any) -> ScenarioData:
 def base2novel(bundle: DatasetBundle, **_: Any) -> ScenarioData:
     """Train on base classes (first ⌈C/2⌉ labels); test base and novel separately, each under its own names."""
     C = bundle.num_classes
+    if C < 2:
+        raise ConfigError(f"scenario=base2novel needs at least 2 classes (a base and a novel half); dataset "
+                          f"{bundle.name} has {C}")
     base, novel = list(range((C + 1) // 2)), list(range((C + 1) // 2, C))
     train_idx = np.flatnonzero(np.isin(bundle.train.labels, base))
     return ScenarioData(

@@ -227,3 +227,13 @@ def test_unknown_keys_are_refused_by_the_cli_in_one_line(tmp_path):
 def test_kgcoop_misspelt_weight_names_the_real_one():
     with pytest.raises(ConfigError, match=r"algorithm\.lamda .*did you mean algorithm\.lam"):
         validate(compose_config(["algorithm=kgcoop", "+algorithm.lamda=4"]))
+
+
+def test_base2novel_on_one_class_names_the_scenario():
+    from flbench.datasets.base import DatasetBundle, TensorImageSet
+    from flbench.scenarios import build_scenario
+
+    images = TensorImageSet(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), np.zeros(2, np.int64), np.zeros(2, np.int64))
+    bundle = DatasetBundle("one", ["only"], ["default"], images, images, images)
+    with pytest.raises(ConfigError, match="base2novel needs at least 2 classes"):
+        build_scenario("base2novel", bundle)

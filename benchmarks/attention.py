@@ -357,7 +357,7 @@ def parse_args(argv):
     parser.add_argument("--quick", action="store_true", help="only the kernel, the model's layer with it, and the "
                         "dense baselines, no FlexAttention (what gpu_check.sh --dry-run runs)")
     parser.add_argument("--budget-s", type=float, default=240.0, help="hard limit for the whole run, compiles "
-                        "included; rows not finished are marked, and the process exits 30 s after it at the latest")
+                        "included; rows not finished are marked, and the process exits 20 s after it at the latest")
     args = parser.parse_args(argv)
     args.dtype = getattr(torch, args.dtype or ("float32" if args.cpu_smoke else "bfloat16"))
     args.warmup = args.warmup if args.warmup is not None else (0 if args.cpu_smoke else 5)
@@ -396,7 +396,7 @@ def main(argv=None) -> int:
     meta = {"device": describe(device, args.dtype, args), "smoke": args.cpu_smoke, "budget_s": args.budget_s,
             "argv": sys.argv[1:] if argv is None else argv}
     results = Results(args.out_dir, "attention", meta, render)
-    budget.start_watchdog(30.0, lambda: results.note("killed: the time budget ran out inside a step that did not "
+    budget.start_watchdog(20.0, lambda: results.note("killed: the time budget ran out inside a step that did not "
                                                      "return to Python"))
     cases = {}
     for flex in ([False] if args.no_flex or args.quick else [False, True]):

@@ -127,13 +127,3 @@ def test_a_full_disk_under_the_wandb_folder_fails_the_run_instead_of_rc_0(tmp_pa
     assert len(lines) == 1 and "incomplete" in lines[0] and "is the disk full" in lines[0], lines
     assert list((tmp_path / "results" / "records").glob("*.json")), "the record is kept: a rerun logs it to W&B"
 
-
-def test_cli_refuses_a_bad_logger_project_before_any_work(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "flbench", *SMALL, "logger.mode=offline", "logger.project=../../x",
-                           f"results_dir={tmp_path / 'results'}"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 2, done.stderr[-1500:]
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("flbench: error: logger.project") and "'/'" in lines[0], lines
-    assert not (tmp_path / "results" / "records").exists() and "round" not in done.stdout

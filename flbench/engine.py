@@ -11,7 +11,7 @@ dynamic loss scaling (torch.amp.GradScaler), with the scale handed to `PromptMet
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ContextManager
 
@@ -19,11 +19,14 @@ import numpy as np
 import torch
 
 from flbench.algorithms.base import Encoded, PromptMethod
+from flbench.algorithms.cohort import ClientState, bound, owned_by, random_stream
 from flbench.datasets.base import ImageSet, iterate_batches
 from flbench.metrics import accuracy
 from flbench.errors import ConfigError
 
-GradientHook = Callable[[PromptMethod], None]  # edits .grad after backward (FedProx, SCAFFOLD)
+# Edits the .grad of one client's trainable tensors (by name) after backward: FedProx, SCAFFOLD.
+GradientHook = Callable[[Mapping[str, torch.Tensor]], None]
+ROUTERS_PREFIX = "backbone_routers."  # backbone.attention.attach_routers registers trained routers here
 
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -136,60 +139,174 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: Mapping[str, Any]) -> 
     raise ConfigError(f"train.optimizer={name!r} is unknown; choose sgd or adamw")
 
 
+@dataclass
+class CohortMember:
+    """One client of a cohort: its own state (`ClientState`: its leaves, buffers and random stream), its data and
+    its round's settings. Its batch order comes from its own `generator`, exactly as if it trained alone."""
+
+    state: ClientState
+    images: ImageSet
+    generator: torch.Generator
+    cached: Encoded | AugmentedViews | None = None
+    gradient_hooks: tuple[GradientHook, ...] = ()
+    max_steps: int | None = None
+
+
 def train_local(method: PromptMethod, images: ImageSet, cfg: Mapping[str, Any], generator: torch.Generator,
                 cached: Encoded | AugmentedViews | None = None, gradient_hooks: tuple[GradientHook, ...] = (),
                 max_steps: int | None = None) -> LocalResult:
-    """`cfg.epochs` local epochs of minibatch training on `images` (or on their cached encodings).
+    """`cfg.epochs` local epochs of minibatch training of `method` itself on `images` (or on their cached
+    encodings): a cohort of one, trained in place on the live random stream (see `train_cohort`)."""
+    member = CohortMember(ClientState.of(method), images, generator, cached, gradient_hooks, max_steps)
+    return train_cohort(method, [member], cfg)[0]
 
-    With `cached`, batches index the precomputed encodings instead of re-running the frozen image tower; the
-    batch order is drawn from the same generator either way, so both paths see identical batches. With
-    `AugmentedViews`, each step also draws one precomputed augmented view per image.
+
+def train_cohort(method: PromptMethod, members: Sequence[CohortMember], cfg: Mapping[str, Any]) -> list[LocalResult]:
+    """`cfg.epochs` local epochs for each of K clients, stepping together.
+
+    Step s trains every client that still has an s-th batch: one `method.cohort_backward` over their states (the
+    text tower run once on all their prompts; `method.backward` under `bound` when one client is left or K = 1),
+    each client's gradient hooks on its own leaves, then one optimiser step over all clients' leaves. A client whose
+    batches are done (a smaller shard, a straggler's budget) gets no gradient, so the optimiser skips its leaves:
+    neither its parameters nor its optimiser state (moments, weight decay, step count) move. Each client draws its
+    batch order from its own generator and its other random numbers (augmentation, DP noise) from its own stream,
+    so every client sees exactly the batches and draws of a run that trains it alone.
+
+    With `cached`, batches index the precomputed encodings instead of re-running the frozen image tower; the batch
+    order is drawn from the same generator either way, so both paths see identical batches. With `AugmentedViews`,
+    each step also draws one precomputed augmented view per image.
     """
-    params = [p for p in method.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, cfg)
     device, precision = method.device, method.precision
+    if len(members) > 1 and (refusal := stacking_refusal(method)):
+        raise ValueError(f"train_cohort: {len(members)} clients but {refusal}")
+    params = [p for m in members for p in m.state.parameters().values()]
+    optimizer = make_optimizer(params, cfg)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-    labels = torch.as_tensor(images.labels)
-    method.train()
-    # The loss is summed on the device in float64 (exactly what a Python float sum of float(loss) gives) so that a
+    streams = [_batches(method, m, cfg) for m in members]
+    # Losses are summed on the device in float64 (exactly what a Python float sum of float(loss) gives) so that a
     # step never waits for the GPU just to report it.
-    total_loss = torch.zeros((), dtype=torch.float64, device=device)
-    seen, steps = 0, 0
+    totals = [torch.zeros((), dtype=torch.float64, device=device) for _ in members]
+    seen, steps = [0] * len(members), [0] * len(members)
+    method.train()
     try:
-        for _ in range(int(cfg.get("epochs", 1))):
-            order = torch.randperm(len(images), generator=generator)
-            for start in range(0, len(images), int(cfg["batch_size"])):
-                if max_steps is not None and steps >= max_steps:
-                    break
-                idx = order[start:start + int(cfg["batch_size"])]
-                with autocast(device, precision):
-                    if isinstance(cached, AugmentedViews):
-                        encoded = cached.draw(idx, generator)
-                    elif cached is not None:
-                        encoded = _index(cached, idx)
-                    else:
-                        encoded = method.encode(images.load(idx.numpy(), True).to(device, non_blocking=True))
-                    y = labels[idx].to(device, non_blocking=True)
-                    optimizer.zero_grad(set_to_none=True)
-                    if scaler is not None:  # fp16: PromptMethod.backward multiplies the loss by the current scale
-                        method.loss_scale = scaler.scale(torch.ones((), device=device))
-                    loss = method.backward(encoded, y)
-                if scaler is not None:
-                    scaler.unscale_(optimizer)  # gradient hooks and the optimizer see true gradients
-                for hook in gradient_hooks:
-                    hook(method)
-                if scaler is not None:
-                    scaler.step(optimizer)  # skipped when the scaled gradients overflowed
-                    scaler.update()
-                else:
-                    optimizer.step()
-                total_loss += loss.double() * len(y)
-                seen += len(y)
-                steps += 1
+        active = list(range(len(members)))
+        while active:
+            batches = {}
+            for k in active:
+                with random_stream(members[k].state, device):
+                    batch = next(streams[k], None)
+                if batch is not None:
+                    batches[k] = batch
+            active = list(batches)
+            if not active:
+                break
+            optimizer.zero_grad(set_to_none=True)
+            with autocast(device, precision):
+                if scaler is not None:  # fp16: PromptMethod.backward multiplies the loss by the current scale
+                    method.loss_scale = scaler.scale(torch.ones((), device=device))
+                losses = _gradients(method, [members[k] for k in active], [batches[k] for k in active])
+            if scaler is not None:
+                scaler.unscale_(optimizer)  # gradient hooks and the optimizer see true gradients
+            for k in active:
+                client_params = members[k].state.parameters()
+                with owned_by(members[k].state):
+                    for hook in members[k].gradient_hooks:
+                        hook(client_params)
+            if scaler is not None:
+                scaler.step(optimizer)  # skipped when the scaled gradients overflowed
+                scaler.update()
+            else:
+                optimizer.step()
+            for k, loss in zip(active, losses):
+                n = len(batches[k][1])
+                totals[k] += loss.double() * n
+                seen[k] += n
+                steps[k] += 1
     finally:
         method.loss_scale = None
     method.eval()
-    return LocalResult(num_examples=len(images), steps=steps, loss=float(total_loss) / max(seen, 1))
+    return [LocalResult(num_examples=len(m.images), steps=s, loss=float(t) / max(n, 1))
+            for m, s, t, n in zip(members, steps, totals, seen)]
+
+
+def _batches(method: PromptMethod, member: CohortMember, cfg: Mapping[str, Any]
+             ) -> Iterator[tuple[Encoded, torch.Tensor]]:
+    """A client's training batches, in the order (and with the draws) of its own local epochs."""
+    device, images, cached, generator = method.device, member.images, member.cached, member.generator
+    labels = torch.as_tensor(images.labels)
+    batch_size, steps = int(cfg["batch_size"]), 0
+    for _ in range(int(cfg.get("epochs", 1))):
+        order = torch.randperm(len(images), generator=generator)
+        for start in range(0, len(images), batch_size):
+            if member.max_steps is not None and steps >= member.max_steps:
+                break
+            idx = order[start:start + batch_size]
+            with autocast(device, method.precision):
+                if isinstance(cached, AugmentedViews):
+                    encoded = cached.draw(idx, generator)
+                elif cached is not None:
+                    encoded = _index(cached, idx)
+                else:
+                    encoded = method.encode(images.load(idx.numpy(), True).to(device, non_blocking=True))
+            yield encoded, labels[idx].to(device, non_blocking=True)
+            steps += 1
+
+
+def _gradients(method: PromptMethod, members: Sequence[CohortMember],
+               batches: Sequence[tuple[Encoded, torch.Tensor]]) -> list[torch.Tensor]:
+    if len(members) == 1:  # the method's own backward, as the client
+        with bound(method, members[0].state):
+            return [method.backward(*batches[0])]
+    return method.cohort_backward([m.state for m in members], [b[0] for b in batches], [b[1] for b in batches])
+
+
+def step_activation_bytes(method: PromptMethod, member: CohortMember, cfg: Mapping[str, Any]) -> int:
+    """Bytes autograd keeps for the backward pass of one training step of `member` on its first full batch: what
+    each client adds to a cohort step (the text tower's activations of its prompts). Counted by saved-tensor hooks,
+    once per storage; the frozen backbone's and the method's own tensors are not counted (they exist once, whatever
+    K). Runs on a copy of the member's state and draws from no random stream the run uses."""
+    backbone = method.backbone
+    resident = {t.untyped_storage().data_ptr() for module in (backbone, method) if isinstance(module, torch.nn.Module)
+                for t in [*module.parameters(), *module.buffers()]}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in resident:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    device, images, cached = method.device, member.images, member.cached
+    idx = torch.arange(min(int(cfg["batch_size"]), len(images)))
+    state = ClientState(member.state.tensors, member.state.trainable)  # bound without swapping random streams
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), autocast(device, method.precision):
+        if isinstance(cached, AugmentedViews):
+            encoded = _index(cached.encoded, torch.zeros_like(idx), idx)
+        elif cached is not None:
+            encoded = _index(cached, idx)
+        else:
+            with torch.no_grad():
+                encoded = method.encode(images.load(idx.numpy(), False).to(device))
+        labels = torch.as_tensor(images.labels)[idx].to(device)
+        method.train()
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), bound(method, state):
+                method.backward(encoded, labels)
+        finally:
+            method.eval()
+    return sum(saved.values())
+
+
+def stacking_refusal(method: PromptMethod) -> str | None:
+    """Why `method` cannot train several clients in one step (None: it can)."""
+    if not method.stacks:
+        return f"algorithm {method.name} does not say how its state stacks (PromptMethod.stacks)"
+    if method.precision == "fp16":
+        return "precision=fp16: loss scaling is per client"
+    if any(n.startswith(ROUTERS_PREFIX) for n, p in method.named_parameters() if p.requires_grad):
+        return "backbone.attention.train_routers: every client trains its own routers, so its text tower differs"
+    return None
 
 
 def mean_gradient(method: PromptMethod, images: ImageSet, batch_size: int, cached: Encoded | None = None

@@ -249,7 +249,9 @@ def validate(cfg: Mapping[str, Any]) -> None:
                                           ("train.lr", 0, False, False), ("train.batch_size", 1, True, True),
                                           ("train.epochs", 1, True, True), ("eval.batch_size", 1, True, True),
                                           ("partition.alpha", 0, False, False), ("partition.min_samples", 1, True, True),
-                                          ("protocol.fraction", 0, False, False)):
+                                          ("protocol.fraction", 0, False, False),
+                                          ("backend.cohort_size", 1, True, True),
+                                          ("backend.cohort_memory_mb", 0, False, False)):
         _number(cfg, path, low, inclusive, integer)
     _named(cfg, "dataset", DATASETS)
     _named(cfg, "partition", PARTITIONS)

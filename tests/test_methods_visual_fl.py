@@ -70,7 +70,8 @@ def test_a_federated_run_lowers_the_training_loss(algorithm, extra, tmp_path):
 
 def test_fedotp_local_prompt_stays_on_its_client_between_rounds(tmp_path, monkeypatch):
     calls = _record_clients(monkeypatch)
-    record = _run("fedotp", tmp_path, ["algorithm.max_iter=10"])  # OT accuracy is not this test's subject
+    # OT accuracy is not this test's subject; the spy sees train_local, the one-client path (cohorts: test_cohort*.py)
+    record = _run("fedotp", tmp_path, ["algorithm.max_iter=10", "backend.cohort_size=1"])
     losses = _losses(record)
     assert losses[-1] < losses[0], losses
     width = len(calls[0]["sent"]["global_ctx"][0])  # the text width, read from the model: 4 context vectors of it

@@ -37,12 +37,13 @@ def test_cached_features_give_the_uncached_record_and_clients_share_one_backbone
         return real_train_local(method, images, cfg, generator, cached=cached, **kwargs)
 
     monkeypatch.setattr(client_app, "train_local", spy)
-    cfg = compose_config(["cache_features=true"], results_dir=tmp_path / "cached")
+    sequential = "backend.cohort_size=1"  # the spy sees train_local, the one-client path (cohorts: test_cohort*.py)
+    cfg = compose_config(["cache_features=true", sequential], results_dir=tmp_path / "cached")
     cached = run(cfg)
     experiment = get_experiment(cfg)
     calls_cached = list(seen)
     seen.clear()
-    uncached = run(compose_config(["cache_features=false"], results_dir=tmp_path / "uncached"))
+    uncached = run(compose_config(["cache_features=false", sequential], results_dir=tmp_path / "uncached"))
 
     assert _metrics(cached) == _metrics(uncached), "caching frozen image features must not change any metric"
     assert [c["cached"] for c in calls_cached] == [True] * 8 and [c["cached"] for c in seen] == [False] * 8

@@ -18,9 +18,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from flbench.algorithms.base import PromptMethod
+from flbench.algorithms.cohort import ClientState, backward_sum, bound
 from flbench.algorithms.prompting import TextPrompt, context_length_of, init_context
 from flbench.backbones.clip import FrozenCLIP, normalize
 from flbench.errors import ConfigError
@@ -64,14 +66,30 @@ Deviations: none in the math. FLIP starts from random vectors (`ctx_init=null`).
         return self.ctx.unsqueeze(0) + bias.unsqueeze(1)
 
     def logits(self, encoded: torch.Tensor) -> torch.Tensor:
-        images = normalize(encoded)
-        ctx = self.instance_context(encoded)
+        return self.instance_logits(normalize(encoded), self.instance_context(encoded))
+
+    def instance_logits(self, images: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        """Logits [B, C] of normalised image features [B, D] against their own prompts' class features (contexts
+        [B, n_ctx, width]), in text-tower calls of at most `instance_chunk` sequences."""
         rows = max(1, self.instance_chunk // self.prompt.num_classes)
         chunks = []
         for start in range(0, len(images), rows):
             text = normalize(self.prompt.encode(ctx[start:start + rows].unsqueeze(1)))  # [b, C, D]
             chunks.append(torch.einsum("bd,bcd->bc", images[start:start + rows], text))
         return self.backbone.logit_scale * torch.cat(chunks)
+
+    # --- cohort training: every client's per-image contexts (its own meta-net) in the same text-tower calls -------
+    stacks = True
+
+    def cohort_backward(self, states: Sequence[ClientState], encoded: Sequence[torch.Tensor],
+                        labels: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        contexts = []
+        for state, x in zip(states, encoded):
+            with bound(self, state):
+                contexts.append(self.instance_context(x))
+        logits = self.instance_logits(normalize(torch.cat(list(encoded))), torch.cat(contexts))
+        losses = [F.cross_entropy(part, y) for part, y in zip(logits.split([len(y) for y in labels]), labels)]
+        return backward_sum(losses, self.loss_scale)
 
     def set_classnames(self, classnames: Sequence[str]) -> None:
         super().set_classnames(classnames)

@@ -10,9 +10,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from flbench.algorithms.base import PromptMethod, cosine_logits
+from flbench.algorithms.cohort import ClientState, backward_sum, bound, stacked
 from flbench.algorithms.prompting import TextPrompt, context_length_of, init_context
 from flbench.backbones.clip import FrozenCLIP
 from flbench.errors import ConfigError
@@ -52,6 +54,30 @@ context cannot hold with a class name. FLIP starts from random vectors (`ctx_ini
 
     def logits(self, encoded: torch.Tensor) -> torch.Tensor:
         return cosine_logits(self.backbone, encoded, self.text_features())
+
+    def loss(self, encoded: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.text_loss(self.text_features(), encoded, labels)
+
+    def text_loss(self, text: torch.Tensor, encoded: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The training loss given the class text features [C, D] of the current context."""
+        return F.cross_entropy(cosine_logits(self.backbone, encoded, text), labels)
+
+    # --- cohort training: K clients' contexts [K, (C,) n_ctx, width] in one text-tower call of K·C prompts -------
+    stacks = True
+
+    def cohort_text_features(self, states: Sequence[ClientState]) -> torch.Tensor:
+        """[K, C, D]: every client's class text features."""
+        ctx = stacked(states, "ctx")
+        return self.prompt.encode(ctx if self.class_specific else ctx.unsqueeze(1))
+
+    def cohort_backward(self, states: Sequence[ClientState], encoded: Sequence[torch.Tensor],
+                        labels: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        text = self.cohort_text_features(states)
+        losses = []
+        for state, text_k, x, y in zip(states, text, encoded, labels):
+            with bound(self, state):
+                losses.append(self.text_loss(text_k, x, y))
+        return backward_sum(losses, self.loss_scale)
 
     def set_classnames(self, classnames: Sequence[str]) -> None:
         if self.class_specific and len(classnames) != self.ctx.shape[0]:

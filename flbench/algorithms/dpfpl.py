@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flbench.algorithms.base import cosine_logits
+from flbench.algorithms.cohort import ClientState, bound
 from flbench.algorithms.personal import PersonalPromptMethod
 from flbench.algorithms.prompting import TextPrompt, context_length_of, init_context
 from flbench.backbones.clip import FrozenCLIP
@@ -232,18 +233,64 @@ clipped (an `elif`); that is not reproduced."""
         self.personalised.fill_(1.0)
         u, v, _ = factorise(self.local_ctx.detach(), self.rank)
         loss, grads = self.prompt_gradients(encoded, labels)
+        self.private_step(u, v, grads, len(labels))
+        return loss
+
+    def private_step(self, u: torch.Tensor, v: torch.Tensor, grads: torch.Tensor, batch: int) -> None:
+        """Clip and noise the prompt gradients [M, n_ctx, width] (per example, or M = 1) of a batch of `batch`
+        examples, and add the global and local prompts' gradients to their `.grad`."""
         if self.noise_multiplier is None:  # no privacy: neither clipping nor noise
             g = grads.mean(0)
             global_grad, local_grad = g, full_gradient(u, v, g @ v.t(), u.t() @ g)
         else:
-            global_std, factor_std = self.noise_stds(len(labels))
+            global_std, factor_std = self.noise_stds(batch)
             global_grad = privatise(grads, self.clip_norm, global_std)
             grad_u = privatise(grads @ v.t(), self.clip_norm, factor_std)  # [n_ctx, k]
             grad_v = privatise(u.t() @ grads, self.clip_norm, factor_std)  # [k, width]
             local_grad = full_gradient(u, v, grad_u, grad_v)
         for param, grad in ((self.global_ctx, global_grad), (self.local_ctx, local_grad)):
             param.grad = grad.clone() if param.grad is None else param.grad + grad
-        return loss
+
+    # --- cohort training: every client's prompt G + L through the text tower in one call; the factorisation,
+    # clipping and noise stay each client's own (under `bound`: its own random stream, draws in backward's order)
+    stacks = True
+
+    def cohort_backward(self, states: Sequence[ClientState], encoded: Sequence[torch.Tensor],
+                        labels: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        factors, contexts = [], []
+        for state in states:
+            with bound(self, state):
+                self.personalised.fill_(1.0)
+                factors.append(factorise(self.local_ctx.detach(), self.rank))
+                contexts.append(self.client_context().detach())
+        ctx = torch.stack(contexts).requires_grad_(True)  # [K, n_ctx, width]
+        text = self.prompt.encode(ctx.unsqueeze(1))  # [K, C, D]
+        text_leaf = text.detach().requires_grad_(True)
+        losses = [F.cross_entropy(cosine_logits(self.backbone, x, text_leaf[k]), y, reduction="none")
+                  for k, (x, y) in enumerate(zip(encoded, labels))]
+        grads = self._cohort_prompt_gradients(ctx, text, text_leaf, losses)
+        for state, (u, v, _), g, y in zip(states, factors, grads, labels):
+            with bound(self, state):
+                self.private_step(u, v, g, len(y))
+        return [loss.mean().detach() for loss in losses]
+
+    def _cohort_prompt_gradients(self, ctx: torch.Tensor, text: torch.Tensor, text_leaf: torch.Tensor,
+                                 losses: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """`prompt_gradients` of every client from vector-Jacobian products through the one text-tower graph: per
+        batch ([1, n_ctx, width] each), or per example under `clipping: example` (example i of every client in one
+        product; a client with fewer examples gets a zero cotangent there, and its part is not used)."""
+        if self.noise_multiplier is None or self.clipping == "batch":
+            cotangent = torch.autograd.grad(torch.stack([loss.mean() for loss in losses]).sum(), text_leaf)[0]
+            return list(torch.autograd.grad(text, ctx, cotangent)[0].unsqueeze(1))
+        per_client: list[list[torch.Tensor]] = [[] for _ in losses]
+        for i in range(max(len(loss) for loss in losses)):
+            owners = [k for k, loss in enumerate(losses) if len(loss) > i]
+            cotangent = torch.autograd.grad(torch.stack([losses[k][i] for k in owners]).sum(), text_leaf,
+                                            retain_graph=True)[0]
+            grad = torch.autograd.grad(text, ctx, cotangent, retain_graph=True)[0]
+            for k in owners:
+                per_client[k].append(grad[k])
+        return [torch.stack(g) for g in per_client]
 
     def loss(self, encoded: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(self.logits(encoded), labels)

@@ -22,9 +22,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from flbench.algorithms.base import PromptMethod
+from flbench.algorithms.cohort import ClientState, backward_sum, bound, stacked
 from flbench.algorithms.ot import ot_similarity
 from flbench.algorithms.personal import PersonalPromptMethod
 from flbench.algorithms.prompting import TextPrompt
@@ -103,7 +105,26 @@ sends the local prompts to the server, which FedOTP does not, and is not reprodu
             return prompted.encode_image_local(self.backbone, images)[1]
 
     def logits(self, encoded: torch.Tensor) -> torch.Tensor:
+        return self.text_logits(self.text_features(), encoded)
+
+    def text_logits(self, text: torch.Tensor, encoded: torch.Tensor) -> torch.Tensor:
+        """OT logits of local image features [B, M, D] against the prompts' class features [N, C, D]."""
         unbalanced = self.transport == "unbalanced"
-        score = ot_similarity(normalize(encoded), normalize(self.text_features()), self.eps, self.max_iter, self.tol,
+        score = ot_similarity(normalize(encoded), normalize(text), self.eps, self.max_iter, self.tol,
                               mass=self.mass, unbalanced=unbalanced, watch="col" if unbalanced else "row")
         return self.backbone.logit_scale * score
+
+    # --- cohort training: both prompts of every client in one text-tower call; each client's transport is its own
+    # (the stopping rule watches one client's whole batch, as when it trains alone)
+    stacks = True
+
+    def cohort_backward(self, states: Sequence[ClientState], encoded: Sequence[torch.Tensor],
+                        labels: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        pairs = torch.stack([stacked(states, "global_ctx"), stacked(states, "local_ctx")], dim=1)  # [K, 2, n, W]
+        both = self.prompt.encode(pairs.flatten(0, 1).unsqueeze(1)).unflatten(0, pairs.shape[:2])  # [K, 2, C, D]
+        losses = []
+        for state, both_k, x, y in zip(states, both, encoded, labels):
+            with bound(self, state):
+                self.personalised.fill_(1.0)  # as PersonalPromptMethod.backward: this client is personalised
+                losses.append(F.cross_entropy(self.text_logits(both_k, x), y))
+        return backward_sum(losses, self.loss_scale)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flbench.algorithms.base import cosine_logits
+from flbench.algorithms.cohort import ClientState, backward_sum, bound
 from flbench.algorithms.personal import PersonalPromptMethod
 from flbench.algorithms.prompting import TextPrompt, context_length_of, handcrafted_text_features, init_context
 from flbench.backbones.clip import FrozenCLIP, normalize
@@ -98,8 +99,30 @@ anchor, rank 8 and random init."""
 
     def loss(self, encoded: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         both = self.prompt.encode(torch.stack([self.sigma, self.personal_context()]).unsqueeze(1))  # [2, C, D]
+        return self.text_loss(both, encoded, labels)
+
+    def text_loss(self, both: torch.Tensor, encoded: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """CE on the personalised features + μ·contrastive term, from the class features [2, C, D] of σ and σ + UV."""
         ce = F.cross_entropy(cosine_logits(self.backbone, encoded, both[1]), labels)
         return ce + self.mu * self.contrastive_term(both[0], both[1])
+
+    # --- cohort training: σ and σ + UV of every client, [K·2] contexts, in one text-tower call -------------------
+    stacks = True
+
+    def cohort_backward(self, states: Sequence[ClientState], encoded: Sequence[torch.Tensor],
+                        labels: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        contexts = []
+        for state in states:
+            with bound(self, state):
+                contexts.append(torch.stack([self.sigma, self.personal_context()]))
+        pairs = torch.stack(contexts)  # [K, 2, n_ctx, width]
+        both = self.prompt.encode(pairs.flatten(0, 1).unsqueeze(1)).unflatten(0, pairs.shape[:2])  # [K, 2, C, D]
+        losses = []
+        for state, both_k, x, y in zip(states, both, encoded, labels):
+            with bound(self, state):
+                self.personalised.fill_(1.0)  # as PersonalPromptMethod.backward: this client is personalised
+                losses.append(self.text_loss(both_k, x, y))
+        return backward_sum(losses, self.loss_scale)
 
     def set_classnames(self, classnames: Sequence[str]) -> None:
         super().set_classnames(classnames)

@@ -54,7 +54,7 @@ default is empty); the default here is the authors' λ = 8 from "a photo of a"."
         """1 − mean cosine between learned and hand-crafted class embeddings (0 at the hand-crafted prompt)."""
         return 1.0 - (normalize(text_features) * self.handcrafted).sum(-1).mean()
 
-    def loss(self, encoded: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        text = self.text_features()
+    def text_loss(self, text: torch.Tensor, encoded: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """CE + λ·knowledge term, from the class text features (CoOp's `loss` and cohort step call this)."""
         logits = cosine_logits(self.backbone, encoded, text)
         return F.cross_entropy(logits, labels) + self.lam * self.knowledge_term(text)

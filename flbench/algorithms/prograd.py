@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from flbench.algorithms.base import cosine_logits
+from flbench.algorithms.cohort import ClientState, bound
 from flbench.algorithms.coop import CoOp
 from flbench.backbones.clip import FrozenCLIP
 
@@ -70,23 +71,54 @@ the template is "a photo of a {}." (the synthetic suite, ImageNet, Caltech101, S
         return F.kl_div(F.log_softmax(logits / T, -1), F.log_softmax(zeroshot / T, -1), log_target=True,
                         reduction="batchmean") * T * T
 
+    def task_and_general(self, text: torch.Tensor, encoded: torch.Tensor, labels: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(task cross-entropy, KL to zero-shot) from the class text features [C, D]."""
+        logits = cosine_logits(self.backbone, encoded, text)
+        return F.cross_entropy(logits, labels), self.kl_to_zeroshot(encoded, logits)
+
     def gradients(self, encoded: torch.Tensor, labels: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(task loss, flat task gradient G_d, flat general-knowledge gradient G_g)."""
         params = [p for p in self.parameters() if p.requires_grad]
-        logits = self.logits(encoded)
-        ce = F.cross_entropy(logits, labels)
-        kl = self.kl_to_zeroshot(encoded, logits)
+        ce, kl = self.task_and_general(self.text_features(), encoded, labels)
         task = torch.autograd.grad(ce, params, retain_graph=True)
         general = torch.autograd.grad(kl, params)
         return ce.detach(), torch.cat([g.reshape(-1) for g in task]), torch.cat([g.reshape(-1) for g in general])
 
-    def backward(self, encoded: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        loss, task, general = self.gradients(encoded, labels)
+    def project_into_grad(self, params: Sequence[torch.Tensor], task: torch.Tensor, general: torch.Tensor) -> None:
+        """ProGrad's update of one client, from its flat G_d and G_g, added to its parameters' `.grad`."""
         update = prograd_project(task, general, self.lam)
         offset = 0
-        for p in (p for p in self.parameters() if p.requires_grad):
+        for p in params:
             g = update[offset:offset + p.numel()].view_as(p)
             p.grad = g.clone() if p.grad is None else p.grad + g
             offset += p.numel()
+
+    def backward(self, encoded: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss, task, general = self.gradients(encoded, labels)
+        self.project_into_grad([p for p in self.parameters() if p.requires_grad], task, general)
         return loss
+
+    def cohort_backward(self, states: Sequence[ClientState], encoded: Sequence[torch.Tensor],
+                        labels: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Both gradients of every client from one text-tower call; the projection is each client's own (its G_d
+        against its G_g): the two sums' gradients are separable per client."""
+        text = self.cohort_text_features(states)
+        ces, kls = [], []
+        for state, text_k, x, y in zip(states, text, encoded, labels):
+            with bound(self, state):
+                ce, kl = self.task_and_general(text_k, x, y)
+            ces.append(ce)
+            kls.append(kl)
+        leaves = [list(state.parameters().values()) for state in states]
+        flat = [p for client in leaves for p in client]
+        task = torch.autograd.grad(torch.stack(ces).sum(), flat, retain_graph=True)
+        general = torch.autograd.grad(torch.stack(kls).sum(), flat)
+        offset = 0
+        for client in leaves:
+            g_d, g_g = task[offset:offset + len(client)], general[offset:offset + len(client)]
+            self.project_into_grad(client, torch.cat([g.reshape(-1) for g in g_d]),
+                                   torch.cat([g.reshape(-1) for g in g_g]))
+            offset += len(client)
+        return [ce.detach() for ce in ces]

@@ -16,8 +16,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from flbench.algorithms.cohort import ClientState, backward_sum, bound, stacked
 from flbench.algorithms.personal import PersonalPromptMethod
 from flbench.algorithms.prompting import TextPrompt, context_length_of, init_context
 from flbench.backbones.clip import FrozenCLIP, normalize
@@ -63,13 +65,34 @@ way with θ = 0.2."""
         """Class text features: the global prompt's (normalised) on the server, the θ-mixture on a client."""
         if not self.uses_local():
             return normalize(self.prompt.encode(self.global_ctx))
-        both = normalize(self.prompt.encode(torch.stack([self.global_ctx, self.local_ctx]).unsqueeze(1)))  # [2, C, D]
+        return self.mixture(self.prompt.encode(torch.stack([self.global_ctx, self.local_ctx]).unsqueeze(1)))
+
+    def mixture(self, both: torch.Tensor) -> torch.Tensor:
+        """(1 − θ)·global + θ·local of the two prompts' class features [2, C, D], each normalised first."""
+        both = normalize(both)
         mixture = (1.0 - self.theta) * both[0] + self.theta * both[1]
         return normalize(mixture) if self.renormalise else mixture
 
     def logits(self, encoded: torch.Tensor) -> torch.Tensor:
+        return self.text_logits(self.text_features(), encoded)
+
+    def text_logits(self, text: torch.Tensor, encoded: torch.Tensor) -> torch.Tensor:
         # base.cosine_logits would renormalise the text features; the authors' mixture keeps its length.
-        return self.backbone.logit_scale * normalize(encoded) @ self.text_features().t()
+        return self.backbone.logit_scale * normalize(encoded) @ text.t()
+
+    # --- cohort training: both prompts of every client, [K·2] contexts, in one text-tower call ------------------
+    stacks = True
+
+    def cohort_backward(self, states: Sequence[ClientState], encoded: Sequence[torch.Tensor],
+                        labels: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        pairs = torch.stack([stacked(states, "global_ctx"), stacked(states, "local_ctx")], dim=1)  # [K, 2, n, W]
+        both = self.prompt.encode(pairs.flatten(0, 1).unsqueeze(1)).unflatten(0, pairs.shape[:2])  # [K, 2, C, D]
+        losses = []
+        for state, both_k, x, y in zip(states, both, encoded, labels):
+            with bound(self, state):
+                self.personalised.fill_(1.0)  # as PersonalPromptMethod.backward: this client is personalised
+                losses.append(F.cross_entropy(self.text_logits(self.mixture(both_k), x), y))
+        return backward_sum(losses, self.loss_scale)
 
     def set_classnames(self, classnames: Sequence[str]) -> None:
         super().set_classnames(classnames)

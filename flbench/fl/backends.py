@@ -1,8 +1,9 @@
 """Two ways to run the same ServerApp and ClientApp: Flower's Ray simulation engine, or in-process.
 
-`inprocess` is a minimal Flower `Grid` that delivers each message by calling the ClientApp directly, one client
-after another, with one persistent `Context` per client. It exists for tests, debugging and small machines: no Ray
-start-up, no worker processes, and identical metrics to `ray` for the same seed. It implements Flower's public
+`inprocess` is a minimal Flower `Grid` that delivers messages by calling the ClientApp directly, with one persistent
+`Context` per client: a round's train messages together to the ClientApp's cohort trainer (the sampled clients
+trained as cohorts over the one frozen backbone, `backend.cohort_size`), other messages one by one. No Ray start-up,
+no worker processes, and the same metrics as `ray` for the same seed. It implements Flower's public
 `Grid` interface but sets a message id the way Flower's own in-memory grid does, so flwr stays pinned.
 """
 
@@ -16,11 +17,11 @@ import signal
 import tempfile
 import threading
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import Context, Error, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid, ServerApp
@@ -69,21 +70,35 @@ class InProcessGrid(Grid):
         file): it stops the run, naming the client, instead of becoming a 'failed client' (injected failures are
         replies, not exceptions: `protocol.failure_prob`)."""
         context = self.contexts[message.metadata.dst_node_id]
-        try:
+        with client_blame(int(context.node_config["partition-id"])):
             return self.client_app(message, context)
-        except FlbenchError as error:
-            raise type(error)(f"client {context.node_config['partition-id']}: {error}") from error
-        except Exception as error:
-            raise ClientError(f"client {context.node_config['partition-id']} failed: {type(error).__name__}: "
-                              f"{error}") from error
+
+    def _deliver_cohort(self, messages: list[Message]) -> list[Message]:
+        """The replies to a round's train messages, from one call of the ClientApp's cohort trainer (which names
+        the client whose part failed, or the cohort's clients when their joint step did)."""
+        pairs = [(m, self.contexts[m.metadata.dst_node_id]) for m in messages]
+        with client_blame(*[int(c.node_config["partition-id"]) for _, c in pairs]):
+            replies = list(self.client_app.train_cohort(pairs))  # type: ignore[attr-defined]
+        if len(replies) != len(messages):
+            raise RuntimeError(f"the cohort trainer answered {len(replies)} of {len(messages)} train messages")
+        return replies
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Deliver every message now. The train messages of a call (a round's sampled clients) go to the
+        ClientApp's cohort trainer together when it has one (`client_app.CohortClientApp`); the rest one by one."""
+        messages = list(messages)
         ids = []
         for message in messages:
             message_id = uuid.uuid4().hex
             message.metadata.__dict__["_message_id"] = message_id
-            self._replies[message_id] = self._deliver(message)
             ids.append(message_id)
+        train = [m for m in messages if m.metadata.message_type.split(".")[0] == MessageType.TRAIN]
+        if len(train) > 1 and hasattr(self.client_app, "train_cohort"):
+            for message, reply in zip(train, self._deliver_cohort(train)):
+                self._replies[message.metadata.message_id] = reply
+        for message in messages:
+            if message.metadata.message_id not in self._replies:
+                self._replies[message.metadata.message_id] = self._deliver(message)
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
@@ -91,6 +106,27 @@ class InProcessGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         return self.pull_messages(self.push_messages(messages))
+
+
+@contextlib.contextmanager
+def client_blame(*partition_ids: int) -> Iterator[None]:
+    """An exception raised inside stops the run naming the client: the one it carries (`cohort.OWNER_ATTRIBUTE`,
+    set while that client's state was bound), else the only one, else the cohort's clients. FlbenchErrors keep their
+    type (and exit code) behind the prefix, others become ClientError; an error already named passes through."""
+    try:
+        yield
+    except Exception as error:
+        if getattr(error, "flbench_blamed", False):
+            raise
+        owner = getattr(error, "flbench_client", None)
+        if owner is not None or len(partition_ids) == 1:
+            who = f"client {partition_ids[0] if owner is None else owner}"
+        else:
+            who = f"clients {', '.join(map(str, partition_ids))} (one cohort)"
+        named = (type(error)(f"{who}: {error}") if isinstance(error, FlbenchError)
+                 else ClientError(f"{who} failed: {type(error).__name__}: {error}"))
+        named.flbench_blamed = True  # type: ignore[attr-defined]
+        raise named from error
 
 
 def run_inprocess(server_app: ServerApp, client_app: ClientApp, num_clients: int,

@@ -12,7 +12,8 @@ Flower Context.state. Each round:
 
 Option I is the default because flbench's default local optimiser is AdamW, whose steps are not η_l·gradient, so
 option II's difference would not estimate the gradient; with `train.optimizer=sgd` and momentum 0 both are exact.
-Only the shared parameters are corrected; client-local ones are the client's own business.
+Only the shared parameters are corrected; client-local ones are the client's own business. The correction acts on
+one client's trainable tensors, so in a cohort (flbench.engine.train_cohort) each client gets its own c − c_i.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from flbench.algorithms.base import PromptMethod
 from flbench.engine import GradientHook, LocalResult, mean_gradient
 from flbench.errors import ConfigError
 from flbench.fl.protocols import ClientRound, ClientSide, Protocol, option, register
@@ -96,9 +96,9 @@ class ScaffoldClient(ClientSide):
             rnd.scratch["next_c"] = {k: gradient[k].detach().clone() for k in server_c}
         correction = {k: (server_c[k] - client_c[k]).to(rnd.method.device) for k in server_c}
 
-        def corrected(method: PromptMethod) -> None:
-            for name, param in method.named_parameters():
-                if name in correction and param.requires_grad:
+        def corrected(params: Mapping[str, torch.Tensor]) -> None:  # this client's trainable tensors
+            for name, param in params.items():
+                if name in correction:
                     param.grad = correction[name].clone() if param.grad is None else param.grad.add_(correction[name])
 
         return (corrected,)

@@ -311,7 +311,10 @@ class RoutedKVAttention(SharedWeightAttention):
 
         wq, bq = self._split_weights()[0]
         q = self._heads(F.linear(x, wq, bq), self.num_heads)
-        slots = expert_slot_buffers(assign, self.slot_widths(length, pinned is not None))
+        widths = self.slot_widths(length, pinned is not None)
+        if self.fixed_assignment is not None:  # analysis only: any assignment, so widths from its counts (host)
+            widths = tuple(int((assign == e).sum(1).max()) for e in range(len(self.group_sizes)))
+        slots = expert_slot_buffers(assign, widths)
         keys, values, positions, stored = [], [], [], []
         for e, (g, (fused_w, fused_b), (index, pos)) in enumerate(zip(self.group_sizes, self._expert_projections(),
                                                                       slots)):

@@ -122,7 +122,7 @@ def client_blame(*partition_ids: int) -> Iterator[None]:
         if owner is not None or len(partition_ids) == 1:
             who = f"client {partition_ids[0] if owner is None else owner}"
         else:
-            who = f"clients {', '.join(map(str, partition_ids))} (one cohort)"
+            who = f"clients {', '.join(map(str, sorted(partition_ids)))} (one cohort)"
         named = (type(error)(f"{who}: {error}") if isinstance(error, FlbenchError)
                  else ClientError(f"{who} failed: {type(error).__name__}: {error}"))
         named.flbench_blamed = True  # type: ignore[attr-defined]

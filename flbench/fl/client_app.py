@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -40,7 +41,9 @@ log = logging.getLogger(__name__)
 LOCAL_KEY = "flbench.local"  # the method's client-local state (never sent)
 OWN_KEY = "flbench.own"  # protocol=local: the client's own copy of the shared parameters
 CLIENT_META = "flbench.client"  # {"partition-id": …} in every reply
-DEFAULT_COHORT_MEMORY_MB = 1024.0  # conf/backend/inprocess.yaml's cohort_memory_mb, for configs without it
+# backend.cohort_memory_mb=null: a cohort step's activations may take this share of the process's resident memory
+# (the one backbone, the caches: the sequential footprint) on the CPU, and this share of a GPU's free memory.
+AUTO_MEMORY_SHARE = {"cpu": 0.15, "cuda": 0.5}
 
 ExperimentFn = Callable[[Mapping[str, Any]], Experiment]
 
@@ -236,12 +239,13 @@ class _Trainer:
             self._log_once(refusal, "clients train one at a time: %s", refusal)
             return 1
         limit = len(jobs) if wanted is None else min(len(jobs), int(wanted))
-        budget = float(backend.get("cohort_memory_mb") or DEFAULT_COHORT_MEMORY_MB) * 2 ** 20
+        budget = cohort_memory_budget(backend.get("cohort_memory_mb"), method.device)
         per_client = self._activation_bytes(experiment, jobs[0])
         fit = max(1, int(budget // max(per_client, 1)))
         if fit < limit:
-            self._log_once(f"fit {fit}", "cohorts of at most %d clients: one client's step keeps %.0f MB of "
-                           "activations, backend.cohort_memory_mb=%g", fit, per_client / 2 ** 20, budget / 2 ** 20)
+            self._log_once(f"fit {fit}", "cohorts of at most %d clients: one client's step keeps %.1f MB of "
+                           "activations, the budget is %.1f MB (backend.cohort_memory_mb)", fit,
+                           per_client / 2 ** 20, budget / 2 ** 20)
         return min(limit, fit)
 
     def _activation_bytes(self, experiment: Experiment, job: _Job) -> int:
@@ -261,11 +265,36 @@ class _Trainer:
             log.info(message, *args)
 
 
+def cohort_memory_budget(megabytes: float | None, device: torch.device) -> float:
+    """Bytes of activations a cohort step may keep: `backend.cohort_memory_mb`, or (null) a share of what this
+    process holds on the CPU (so the peak stays within ~1.15× one client at a time) or of the GPU's free memory."""
+    if megabytes is not None:
+        return float(megabytes) * 2 ** 20
+    if device.type == "cuda":
+        return AUTO_MEMORY_SHARE["cuda"] * torch.cuda.mem_get_info(device)[0]
+    return AUTO_MEMORY_SHARE["cpu"] * resident_bytes()
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux /proc; elsewhere its peak so far, from getrusage)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
+
+
 def _chunks(jobs: list[_Job], size: int) -> list[list[_Job]]:
     """`jobs` in ⌈n/size⌉ consecutive cohorts of near-equal sizes (10 clients at K = 4: 4, 3, 3)."""
     count = -(-len(jobs) // size)
-    bounds = [round(i * len(jobs) / count) for i in range(count + 1)]
-    return [jobs[a:b] for a, b in zip(bounds, bounds[1:])]
+    small, extra = divmod(len(jobs), count)
+    sizes = [small + 1] * extra + [small] * (count - extra)
+    starts = [sum(sizes[:i]) for i in range(count)]
+    return [jobs[start:start + n] for start, n in zip(starts, sizes)]
 
 
 @contextlib.contextmanager

@@ -27,6 +27,16 @@ FLBENCH_TRIM_TEXT=0:
 - `pretrain`: tiny-CLIP pretraining alone (corpus rendering timed apart), the build as it is ("new") and as it was
   before issue 17 ("old": untrimmed text, unfused AdamW, every caption batch tokenised), same seed and steps.
 
+Cohort training (issue 18, flbench/engine.py train_cohort), old vs new in one call: `cohort` runs the in-process
+federation paired, sequential (`backend.cohort_size=1`: one client at a time, the old path) then cohort (the
+default), for 10 clients and for 100 clients at 10 %: seconds per round, peak memory, whether the metrics are the
+same (accuracies exactly, losses to 1e-5), and the round's achieved text-tower FLOP/s — the text tower's forward and
+backward FLOPs of all the round's local steps (counted once per client step with torch's FlopCounterMode, times the
+client steps counted in the run) over the round's seconds — as a fraction of a plain fp32 torch.matmul (2048³)
+measured in the same process (the physical limit of this loop on the machine).
+
+    python benchmarks/fl_round.py cohort --backbone tiny --repeats 3 --rounds 4 --out /tmp/cohort_tiny.json
+
     python benchmarks/fl_round.py rounds --backbone tiny --repeats 3 --rounds 5
     python benchmarks/fl_round.py cache --backbone tiny
     python benchmarks/fl_round.py memory --backbone tiny
@@ -447,6 +457,88 @@ def bench_bucket(base: list[str], args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+# --- cohort training, old vs new (issue 18) --------------------------------------------------------------------------
+COHORT = {"sequential": ["backend.cohort_size=1"], "cohort": []}
+
+
+def matmul_flops_per_s(size: int = 2048, repeats: int = 5) -> float:
+    """The best of `repeats` fp32 torch.matmul calls of size³, in FLOP/s: this process's attainable peak."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm-up
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * size ** 3 / best
+
+
+def _timed(fn: Any) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def text_flops_per_client_step(method: Any) -> int:
+    """FLOPs of the text tower's forward and backward (to the prompt) over one client's class prompts: what every
+    local step of a CoOp-family client runs, alone or in a cohort (CoOp's context; other methods: not counted)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ctx = method.ctx.detach().clone().requires_grad_(True)
+    with FlopCounterMode(display=False) as counter:
+        text = method.prompt.encode(ctx)
+        text.backward(torch.ones_like(text))
+    return int(counter.get_total_flops())
+
+
+def measure_cohort(variant: str, overrides: list[str]) -> dict[str, Any]:
+    """One federation, sequential or as cohorts, counting client steps; then the text FLOPs and the matmul peak."""
+    from flbench import engine
+    from flbench.experiment import _PROCESS_EXPERIMENTS
+
+    client_steps = [0]
+    gradients = engine._gradients
+
+    def counted(method: Any, members: Any, batches: Any) -> Any:
+        client_steps[0] += len(members)
+        return gradients(method, members, batches)
+
+    engine._gradients = counted
+    out = measure_one("inprocess", [*overrides, *COHORT[variant]])
+    experiment = next(iter(_PROCESS_EXPERIMENTS.values()))
+    out["client_steps_per_round"] = client_steps[0] / max(len(out["round_s"]), 1)
+    out["text_flops_per_client_step"] = text_flops_per_client_step(experiment.fresh())
+    out["matmul_flops_per_s"] = matmul_flops_per_s()
+    return out
+
+
+def bench_cohort(base: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for clients, fraction in ((10, 1.0), (args.clients, args.fraction)):
+        label = f"{clients} clients at {fraction:.0%}"
+        overrides = [*COMMON, *base, f"num_rounds={args.rounds}", f"num_clients={clients}",
+                     f"protocol.fraction={fraction}"]
+        before = load1()
+        runs = paired(overrides, args.repeats, args.threads, {v: (v, {}) for v in COHORT}, "_cohort")
+        results = {v: collect("inprocess", overrides, runs[v], before) for v in COHORT}
+        for variant, result in results.items():
+            steps = statistics.median(r["client_steps_per_round"] for r in runs[variant])
+            flops = runs[variant][0]["text_flops_per_client_step"] * steps
+            peak = statistics.median(r["matmul_flops_per_s"] for r in runs[variant])
+            result.update(text_gflop_per_round=flops / 1e9, text_gflops=flops / result["round_s"] / 1e9,
+                          matmul_peak_gflops=peak / 1e9, fraction_of_peak=flops / result["round_s"] / peak)
+            out[f"{label}: {variant}"] = result
+        sequential, cohort = results["sequential"], results["cohort"]
+        out[f"{label}: speed-up"] = sequential["round_s"] / cohort["round_s"]
+        out[f"{label}: peak memory cohort / sequential"] = cohort["peak_process_gib"] / sequential["peak_process_gib"]
+        out[f"{label}: accuracies identical"] = accuracies_identical(cohort["history"], sequential["history"])
+        out[f"{label}: largest relative loss difference"] = loss_gap(cohort["history"], sequential["history"])
+        out[f"{label}: text tower, sequential / cohort"] = (
+            f"{sequential['text_gflops']:.2f} / {cohort['text_gflops']:.2f} GFLOP/s of a {cohort['text_gflop_per_round']:.1f}"
+            f" GFLOP round = {sequential['fraction_of_peak']:.1%} / {cohort['fraction_of_peak']:.1%} of the "
+            f"{cohort['matmul_peak_gflops']:.1f} GFLOP/s matmul peak")
+    return out
+
+
 def summary(name: str, result: dict[str, Any]) -> list[str]:
     lines = []
     for key, value in result.items():
@@ -472,7 +564,7 @@ def summary(name: str, result: dict[str, Any]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("what", choices=["rounds", "cache", "memory", "all", "trim", "experiment", "pretrain",
-                                         "bucket", "_one", "_pretrain"])
+                                         "bucket", "cohort", "_one", "_pretrain", "_cohort"])
     parser.add_argument("--backbone", choices=sorted(BACKBONES), default="tiny")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=5)
@@ -495,12 +587,16 @@ def main() -> None:
     if args.what == "_one":
         Path(args.result).write_text(json.dumps(measure_one(args.mode, args.overrides)))
         return
+    if args.what == "_cohort":
+        Path(args.result).write_text(json.dumps(measure_cohort(args.mode, args.overrides)))
+        return
     if args.what == "_pretrain":
         Path(args.result).write_text(json.dumps(measure_pretrain(args.mode, args.overrides[0])))
         return
     base = [*BACKBONES[args.backbone], *args.overrides]
     benches = {"rounds": bench_rounds, "cache": bench_cache, "memory": bench_memory, "trim": bench_trim,
-               "experiment": bench_experiment, "pretrain": bench_pretrain, "bucket": bench_bucket}
+               "experiment": bench_experiment, "pretrain": bench_pretrain, "bucket": bench_bucket,
+               "cohort": bench_cohort}
     chosen = ["rounds", "cache", "memory"] if args.what == "all" else [args.what]
     results: dict[str, Any] = {"backbone": args.backbone, "cpu_count": os.cpu_count(), "argv": sys.argv[1:]}
     for name in chosen:

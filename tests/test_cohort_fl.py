@@ -30,7 +30,10 @@ HETEROGENEOUS = ["protocol.stragglers=0.5", "protocol.failure_prob=0.25", "parti
 CASES = [("coop", "fedavg", HETEROGENEOUS), ("kgcoop", "fedprox", []), ("coop", "scaffold", []),
          ("fedpgp", "scaffold", ["protocol.control_update=difference", "train.optimizer=sgd", "train.momentum=0",
                                  "scenario=personal"]),
-         ("promptfolio", "local", ["scenario=personal"]), ("dpfpl", "fedavg", ["scenario=personal", *HETEROGENEOUS])]
+         ("promptfolio", "local", ["scenario=personal"]), ("dpfpl", "fedavg", ["scenario=personal", *HETEROGENEOUS]),
+         # augmentation draws from torch's global stream while loading (uncached) or per step (cached views)
+         ("dpfpl", "fedprox", ["scenario=personal", "train.augment=true", "cache_features=false"]),
+         ("prograd", "fedavg", ["train.augment=true", "cache_views=2"])]
 
 
 class Federation:

@@ -12,11 +12,11 @@ export WANDB_MODE=${WANDB_MODE:-offline} HF_HUB_OFFLINE=1 FLWR_TELEMETRY_ENABLED
 # name | table file | report arguments (after the records folder)
 TABLES=(
   "synthetic_global|experiments/synthetic_global/table.md|--rows algorithm.name"
-  "synthetic_global_slow|experiments/synthetic_global/table_slow.md|--rows algorithm.name"
-  "synthetic_global_vit|experiments/synthetic_global/table_vit.md|--rows algorithm.name"
   "synthetic_base2novel|experiments/synthetic_base2novel/table.md|--rows algorithm.name --metrics base,novel,hm"
+  "synthetic_global_slow|experiments/synthetic_global/table_slow.md|--rows algorithm.name"
   "synthetic_personal|experiments/synthetic_personal/table.md|--rows algorithm.name --metrics global,personal,personal_mean,hm"
   "synthetic_protocols|experiments/synthetic_protocols/table.md|--rows protocol.name"
+  "synthetic_global_vit|experiments/synthetic_global/table_vit.md|--rows algorithm.name"
 )
 
 for entry in "${TABLES[@]}"; do

@@ -190,33 +190,10 @@ def train_cohort(method: PromptMethod, members: Sequence[CohortMember], cfg: Map
     method.train()
     try:
         active = list(range(len(members)))
-        while active:
-            batches = {}
-            for k in active:
-                with random_stream(members[k].state, device):
-                    batch = next(streams[k], None)
-                if batch is not None:
-                    batches[k] = batch
+        while batches := _next_batches(members, streams, active, device):
             active = list(batches)
-            if not active:
-                break
-            optimizer.zero_grad(set_to_none=True)
-            with autocast(device, precision):
-                if scaler is not None:  # fp16: PromptMethod.backward multiplies the loss by the current scale
-                    method.loss_scale = scaler.scale(torch.ones((), device=device))
-                losses = _gradients(method, [members[k] for k in active], [batches[k] for k in active])
-            if scaler is not None:
-                scaler.unscale_(optimizer)  # gradient hooks and the optimizer see true gradients
-            for k in active:
-                client_params = members[k].state.parameters()
-                with owned_by(members[k].state):
-                    for hook in members[k].gradient_hooks:
-                        hook(client_params)
-            if scaler is not None:
-                scaler.step(optimizer)  # skipped when the scaled gradients overflowed
-                scaler.update()
-            else:
-                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)  # a finished client keeps grad None: the optimiser skips it
+            losses = _step(method, optimizer, scaler, [members[k] for k in active], [batches[k] for k in active])
             for k, loss in zip(active, losses):
                 n = len(batches[k][1])
                 totals[k] += loss.double() * n
@@ -227,6 +204,41 @@ def train_cohort(method: PromptMethod, members: Sequence[CohortMember], cfg: Map
     method.eval()
     return [LocalResult(num_examples=len(m.images), steps=s, loss=float(t) / max(n, 1))
             for m, s, t, n in zip(members, steps, totals, seen)]
+
+
+def _next_batches(members: Sequence[CohortMember], streams: Sequence[Iterator[tuple[Encoded, torch.Tensor]]],
+                  active: Sequence[int], device: torch.device) -> dict[int, tuple[Encoded, torch.Tensor]]:
+    """The next batch of every active client that has one (drawn on the client's own random stream)."""
+    batches = {}
+    for k in active:
+        with random_stream(members[k].state, device):
+            batch = next(streams[k], None)
+        if batch is not None:
+            batches[k] = batch
+    return batches
+
+
+def _step(method: PromptMethod, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+          members: Sequence[CohortMember], batches: Sequence[tuple[Encoded, torch.Tensor]]) -> list[torch.Tensor]:
+    """One optimiser step of the given clients: their gradients, each client's hooks on its own leaves, the step."""
+    device = method.device
+    with autocast(device, method.precision):
+        if scaler is not None:  # fp16: PromptMethod.backward multiplies the loss by the current scale
+            method.loss_scale = scaler.scale(torch.ones((), device=device))
+        losses = _gradients(method, members, batches)
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # gradient hooks and the optimizer see true gradients
+    for member in members:
+        params = member.state.parameters()
+        with owned_by(member.state):
+            for hook in member.gradient_hooks:
+                hook(params)
+    if scaler is not None:
+        scaler.step(optimizer)  # skipped when the scaled gradients overflowed
+        scaler.update()
+    else:
+        optimizer.step()
+    return losses
 
 
 def _batches(method: PromptMethod, member: CohortMember, cfg: Mapping[str, Any]
@@ -300,8 +312,9 @@ def step_activation_bytes(method: PromptMethod, member: CohortMember, cfg: Mappi
 
 def stacking_refusal(method: PromptMethod) -> str | None:
     """Why `method` cannot train several clients in one step (None: it can)."""
-    if not method.stacks:
-        return f"algorithm {method.name} does not say how its state stacks (PromptMethod.stacks)"
+    if not getattr(method, "stacks", False):
+        name = getattr(type(method), "name", type(method).__name__)
+        return f"algorithm {name} does not say how its state stacks (PromptMethod.stacks)"
     if method.precision == "fp16":
         return "precision=fp16: loss scaling is per client"
     if any(n.startswith(ROUTERS_PREFIX) for n, p in method.named_parameters() if p.requires_grad):

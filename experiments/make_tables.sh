@@ -17,6 +17,9 @@ TABLES=(
   "synthetic_personal|experiments/synthetic_personal/table.md|--rows algorithm.name --metrics global,personal,personal_mean,hm"
   "synthetic_protocols|experiments/synthetic_protocols/table.md|--rows protocol.name"
   "synthetic_global_vit|experiments/synthetic_global/table_vit.md|--rows algorithm.name"
+  "synthetic_backbones_tiny|experiments/backbones/table_tiny.md|--rows backbone.attention.name --metrics global"
+  "synthetic_backbones_vit_image|experiments/backbones/table_vit_image.md|--rows backbone.attention.name --metrics global"
+  "synthetic_backbones_vit_both|experiments/backbones/table_vit_both.md|--rows backbone.attention.name --metrics global"
 )
 
 for entry in "${TABLES[@]}"; do

@@ -3,11 +3,15 @@ docs/backbones.md's choices (oracle rows, ratio selection), and the check of iss
 
     FLBENCH_CACHE=.cache/flbench python experiments/backbones/analysis.py findings [--backbone tiny]
     FLBENCH_CACHE=.cache/flbench python experiments/backbones/analysis.py validation --backbone tiny-vit --towers vision
+    FLBENCH_CACHE=.cache/flbench python experiments/backbones/analysis.py targets synthetic_backbones_tiny
 
 `findings`: dense, GQA and routed-KV 3:1:6 with fresh routers and routed *by the oracle itself* (each oracle-rows
 variant), zero-shot 64-way accuracy on val and test, and which tokens of "a photo of a <class>." prompts get full K/V
 under each oracle, per layer. `validation`: the routed variants of the table, training-free with calibrated routers,
-on the validation split only (ratio and calibration selection never look at test).
+on the validation split only (ratio and calibration selection never look at test). `targets <experiment>`: for
+every row and seed of a backbone table's sweep (the configs the sweep ran, so the same cached calibrations and
+uptrainings), zero-shot on validation; the best 50 % ratio chosen there (training-free and uptrained), then issue 16's
+targets checked on that ratio with the test figures of the sweep's records.
 Accuracy is computed here directly (image features, hand-written template, argmax), independently of the engine.
 """
 
@@ -26,15 +30,20 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@functools.lru_cache(maxsize=4)
 def _data(backbone_name: str) -> tuple[Any, str]:
     """(scenario, zero-shot template) of the default experiment on `backbone_name` (no method, no federation)."""
+    return _experiment_data((f"backbone={backbone_name}",))
+
+
+@functools.lru_cache(maxsize=4)
+def _experiment_data(overrides: tuple[str, ...]) -> tuple[Any, str]:
+    """(scenario, zero-shot template) of the experiment these overrides compose."""
     from flbench.cli import compose
     from flbench.backbones.weights import backbone_image_size
     from flbench.datasets import load_dataset
     from flbench.scenarios import build_scenario
 
-    cfg = compose([f"backbone={backbone_name}"], job_name="backbones_analysis")
+    cfg = compose(list(overrides), job_name="backbones_analysis")
     bundle = load_dataset(cfg["dataset"], image_size=backbone_image_size(cfg["backbone"]))
     scenario = build_scenario(cfg["scenario"]["name"], bundle,
                               {k: v for k, v in cfg["scenario"].items() if k != "name"}, dataset_cfg=cfg["dataset"])
@@ -122,27 +131,98 @@ def findings(name: str) -> dict[str, Any]:
 VARIANTS = {"3:1:6": [3, 1, 6], "1:1:2": [1, 1, 2], "1:6:2": [1, 6, 2], "1:1:8": [1, 1, 8]}
 
 
-def validation(name: str, towers: list[str], oracle_rows: list[str], ratios: list[str]) -> dict[str, Any]:
+def validation(name: str, towers: list[str], oracle_rows: list[str], ratios: list[str],
+               calibration: dict[str, Any] | None = None) -> dict[str, Any]:
     """Training-free calibrated routed-KV, per ratio and oracle-rows setting: zero-shot on validation only."""
     scenario, template = _data(name)
     out: dict[str, Any] = {}
     for rows in oracle_rows:
         for label in ratios:
             attention = {"kind": "routed_kv", "towers": towers, "ratios": VARIANTS[label], "routers": "calibrated",
-                         "calibration": {"oracle_rows": rows}}
+                         "calibration": {**(calibration or {}), "oracle_rows": rows}}
             backbone = _backbone(name, attention)
             out[f"{label} {rows}"] = round(zero_shot(backbone, scenario.val["global"], template), 2)
             print(f"{label} oracle_rows={rows}: val {out[f'{label} {rows}']}", flush=True)
     return out
 
 
+HALF = ("316", "112", "162")  # the 50 % ratios the targets choose among (on validation); 118 is the 35 % budget
+
+
+def _sweep(experiment: str) -> tuple[list[str], list[int], str]:
+    """(attention rows, seeds, results_dir) of a backbone table's experiment file."""
+    import yaml
+
+    from flbench.cli import CONF_DIR
+
+    data = yaml.safe_load((Path(CONF_DIR) / "experiment" / f"{experiment}.yaml").read_text())
+    params = data["hydra"]["sweeper"]["params"]
+    return (str(params["backbone/attention"]).split(","), [int(s) for s in str(params["seed"]).split(",")],
+            data["results_dir"])
+
+
+def _validation_rows(experiment: str) -> dict[str, list[float]]:
+    """Zero-shot accuracy on the validation split per row, one value per seed, for the configs the sweep runs."""
+    from flbench.backbones.build import load_backbone
+    from flbench.cli import compose
+
+    rows, seeds, _ = _sweep(experiment)
+    out: dict[str, list[float]] = {}
+    for row in rows:
+        for seed in seeds:
+            overrides = [f"backbone/attention={row}", f"seed={seed}", f"+experiment={experiment}"]
+            cfg = compose(overrides, job_name="backbones_analysis")
+            scenario, template = _experiment_data((f"+experiment={experiment}",))
+            out.setdefault(row, []).append(zero_shot(load_backbone(cfg["backbone"]), scenario.val["global"], template))
+        print(f"{row}: val {np.mean(out[row]):.2f} ± {np.std(out[row], ddof=1):.2f}", flush=True)
+    return out
+
+
+def _test_rows(experiment: str) -> dict[str, dict[str, list[float]]]:
+    """Zero-shot and CoOp test accuracy per row (one value per seed) from the sweep's records."""
+    from flbench.results.tables import load_records
+
+    _, _, results_dir = _sweep(experiment)
+    out: dict[str, dict[str, list[float]]] = {}
+    for record in sorted(load_records(ROOT / results_dir)[0], key=lambda r: r["seed"]):
+        row = out.setdefault(record["config"]["backbone"]["attention"]["name"], {"zero-shot": [], "coop": []})
+        row["zero-shot"].append(record["zeroshot"]["global"])
+        row["coop"].append(record["metrics"]["global"]["best_val"])
+    return out
+
+
+def targets(experiment: str) -> dict[str, Any]:
+    """Issue 16's targets on one block: ratio chosen on validation zero-shot, checked with test means (3 seeds)."""
+    val, test = _validation_rows(experiment), _test_rows(experiment)
+    mean = lambda row, what: float(np.mean(test[row][what]))  # noqa: E731
+    free = max(HALF, key=lambda code: np.mean(val[f"routed_{code}"]))
+    up = max(HALF, key=lambda code: np.mean(val[f"routed_{code}_uptrained"]))
+    routed_free, routed_up = f"routed_{free}", f"routed_{up}_uptrained"
+    checks = {
+        "training-free >= GQA + 5 (zero-shot)": (mean(routed_free, "zero-shot"), mean("gqa", "zero-shot") + 5),
+        "training-free >= dense - 2 (zero-shot)": (mean(routed_free, "zero-shot"), mean("dense", "zero-shot") - 2),
+        "uptrained >= uptrained GQA (zero-shot)": (mean(routed_up, "zero-shot"), mean("gqa_uptrained", "zero-shot")),
+        "uptrained >= uptrained GQA (CoOp)": (mean(routed_up, "coop"), mean("gqa_uptrained", "coop")),
+    }
+    return {"validation zero-shot (mean, std)": {row: [round(float(np.mean(v)), 2),
+                                                       round(float(np.std(v, ddof=1)), 2)] for row, v in val.items()},
+            "chosen on validation": {"training-free": routed_free, "uptrained": routed_up},
+            "seeds per row (test)": {row: len(v["zero-shot"]) for row, v in test.items()},
+            "targets (test means: routed, threshold, met)": {name: [round(a, 2), round(b, 2), a >= b]
+                                                            for name, (a, b) in checks.items()}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["findings", "validation"])
+    parser.add_argument("what", choices=["findings", "validation", "targets"])
+    parser.add_argument("experiment", nargs="?", help="targets: a backbone table's experiment, e.g. "
+                        "synthetic_backbones_tiny")
     parser.add_argument("--backbone", default="tiny")
     parser.add_argument("--towers", nargs="+", default=["text"])
     parser.add_argument("--oracle-rows", nargs="+", default=["pooled", "rollout", "all"])
     parser.add_argument("--ratios", nargs="+", default=list(VARIANTS))
+    parser.add_argument("--calibration", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="validation: calibration settings other than the defaults (e.g. steps=300)")
     parser.add_argument("--weights", help="a tiny CLIP state dict (e.g. an earlier build) instead of the current one")
     args = parser.parse_args()
     global WEIGHTS
@@ -150,8 +230,13 @@ def main() -> None:
     from flbench.cli import setup_logging
 
     setup_logging(False)
-    result = findings(args.backbone) if args.what == "findings" else \
-        validation(args.backbone, args.towers, args.oracle_rows, args.ratios)
+    calibration = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.calibration)}
+    if args.what == "targets":
+        result = targets(args.experiment)
+    elif args.what == "findings":
+        result = findings(args.backbone)
+    else:
+        result = validation(args.backbone, args.towers, args.oracle_rows, args.ratios, calibration)
     print(json.dumps(result, indent=1))
 
 

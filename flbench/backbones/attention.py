@@ -44,7 +44,9 @@ CALIBRATION_DEFAULTS: dict[str, Any] = dict(steps=150, batch_size=64, lr=3e-3, i
 # Uptraining (backbones/uptrain.py): continued contrastive training of the converted towers' K/V projections (and
 # routers) on the synthetic pretraining corpus; steps=0 is training-free. The same recipe for gqa and routed_kv.
 UPTRAIN_DEFAULTS: dict[str, Any] = dict(steps=0, batch_size=128, lr=1e-3, warmup=5, images=8192, seed=0)
-DEFAULTS: dict[str, Any] = dict(kind="dense", towers=list(TOWERS), group_size=2, group_sizes=[1, 2, 4],
+# `name` is a label for tables (`--rows backbone.attention.name`): it never changes the model and stays out of the
+# conversion caches' keys (conversion.LAYOUT_KEYS), so rows that differ only in name share calibrations.
+DEFAULTS: dict[str, Any] = dict(kind="dense", name=None, towers=list(TOWERS), group_size=2, group_sizes=[1, 2, 4],
                                 ratios=[3, 1, 6], capacity="ceil", pin_cls=True, aux_weight=0.01, backend="auto",
                                 routers="init", train_routers=False, calibration=CALIBRATION_DEFAULTS,
                                 uptrain=UPTRAIN_DEFAULTS)
@@ -82,6 +84,8 @@ def attention_settings(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
     settings = {**DEFAULTS, **cfg}
     if settings["kind"] not in KINDS:
         raise ConfigError(f"backbone.attention.kind={settings['kind']!r} is unknown; choose one of {list(KINDS)}")
+    if settings["name"] is not None and (not isinstance(settings["name"], str) or not settings["name"]):
+        raise ConfigError(f"backbone.attention.name={settings['name']!r} must be a non-empty string (a table label)")
     towers = list(settings["towers"])
     if not towers or any(t not in TOWERS for t in towers):
         raise ConfigError(f"backbone.attention.towers={towers} must be a non-empty subset of {list(TOWERS)}")

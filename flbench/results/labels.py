@@ -11,7 +11,7 @@ KEYS = {
     "dataset.family": "dataset family", "scenario.name": "scenario", "backbone.name": "backbone",
     "partition.name": "partition", "backbone.attention.kind": "attention", "num_clients": "clients",
     "num_rounds": "rounds", "shots": "shots", "seed": "seed", "partition.alpha": "Dirichlet α",
-    "protocol.fraction": "client fraction",
+    "protocol.fraction": "client fraction", "backbone.attention.name": "attention",
 }
 
 VALUES = {
@@ -33,6 +33,13 @@ VALUES = {
     },
     "backbone.name": {"tiny": "tiny CLIP (ResNet)", "tiny-vit": "tiny CLIP (ViT)", "open_clip": "open_clip CLIP"},
     "backbone.arch": {"ViT-B-16": "ViT-B/16", "ViT-B-32": "ViT-B/32", "ViT-L-14": "ViT-L/14"},
+    # conf/backbone/attention/*.yaml: one option file per row of the backbone tables (docs/backbones.md)
+    "backbone.attention.name": {
+        "dense": "dense", "gqa": "GQA", "gqa_uptrained": "GQA, uptrained", "routed_kv": "routed-KV",
+        **{f"routed_{code}": f"routed-KV {':'.join(code)}, calibrated" for code in ("316", "112", "162", "118")},
+        **{f"routed_{code}_uptrained": f"routed-KV {':'.join(code)}, calibrated + uptrained"
+           for code in ("316", "112", "162", "118")},
+    },
     "partition.name": {"dirichlet": "Dirichlet", "iid": "IID", "domain": "one domain per client",
                        "class-disjoint": "class-disjoint", "pathological": "pathological",
                        "quantity-skew": "quantity skew"},

@@ -9,7 +9,9 @@ never dropped silently: the report refuses, or (asked to skip) names every skipp
 
 Rules the numbers follow (the same as CoOp / CoCoOp / MaPLe tables):
 - HM is the harmonic mean of the *averaged* base and novel accuracies, never the mean of per-seed HMs.
-- The zero-shot row comes from the records' own `zeroshot` block (same backbone, same test splits).
+- The zero-shot row comes from the records' own `zeroshot` block (same backbone, same test splits). When every row
+  key changes the zero-shot numbers (e.g. `--rows backbone.attention.name`: each row is its own backbone), zero-shot
+  is a column beside each row's metrics instead of a second row per row.
 - Best per column in bold: the highest accuracy; the lowest cost (the zero-shot row takes no part in cost columns);
   nothing in bold when the best value is shared (a tie points at nobody).
 - A value identical over all seeds (zero-shot, deterministic methods) has no "± 0.00".
@@ -317,6 +319,35 @@ EFFICIENCY = (  # (label, unit, digits, value from a record)
 )
 
 
+# Per converted tower (gqa or routed_kv in some record): K/V budget and work, from the records' costs.attention.
+# "measured" is what the routed layers stored for the rows the run encoded; GQA and dense store exactly their nominal
+# K/V, so their measured value is the realised one. Bytes are K/V of one token over all layers (+ expert index).
+TOWER_COLUMNS = (  # (label, digits, value from one tower's cost figures)
+    ("KV % nominal", 1, lambda t: 100 * t["kv_fraction"]),
+    ("KV % measured", 1, lambda t: 100 * t.get("kv_fraction_measured", t["kv_fraction_realised"])),
+    ("KV bytes / token", 1, lambda t: t["layers"] * t.get("kv_bytes_per_token_per_layer_measured",
+                                                          t["kv_bytes_per_token_per_layer_realised"])),
+    ("K/V-proj MFLOPs / seq", 2, lambda t: t["kv_proj_flops_per_sequence"] / 1e6),
+    ("attention MFLOPs / seq", 2, lambda t: t["attention_flops_per_sequence"] / 1e6),
+)
+
+
+def _tower_figure(record: Mapping[str, Any], tower: str, get: Any) -> float | None:
+    figures = ((record.get("costs") or {}).get("attention") or {}).get(tower)
+    try:
+        return None if not isinstance(figures, Mapping) else float(get(figures))
+    except KeyError:  # a record from before these figures existed
+        return None
+
+
+def _tower_columns(records: Sequence[Mapping[str, Any]]) -> list[tuple[str, str, int, Any]]:
+    """TOWER_COLUMNS for each tower that some record converts (its dense rows show the same tower's dense figures)."""
+    towers = sorted({tower for r in records for tower, figures in ((r.get("costs") or {}).get("attention") or {}).items()
+                     if isinstance(figures, Mapping) and figures.get("kind") not in (None, "dense")})
+    return [(f"{tower} {label}", "", digits, lambda r, tower=tower, get=get: _tower_figure(r, tower, get))
+            for tower in towers for label, digits, get in TOWER_COLUMNS]
+
+
 def _efficiency_columns(records: Sequence[Mapping[str, Any]]) -> list[tuple[str, str, int, Any]]:
     """The EFFICIENCY columns some record has a value for (KV bytes only when some backbone is not dense: a column
     of 100.0 says nothing)."""
@@ -324,7 +355,7 @@ def _efficiency_columns(records: Sequence[Mapping[str, Any]]) -> list[tuple[str,
         values = [v for r in records if (v := get(r)) is not None]
         return bool(values) and (label != "KV bytes %" or any(abs(v - 100.0) > 1e-9 for v in values))
 
-    return [column for column in EFFICIENCY if shown(column[0], column[3])]
+    return [column for column in EFFICIENCY if shown(column[0], column[3])] + _tower_columns(records)
 
 
 def build_table(records: Sequence[Mapping[str, Any]], rows: Sequence[str] = ("algorithm.name",),
@@ -351,9 +382,12 @@ def build_table(records: Sequence[Mapping[str, Any]], rows: Sequence[str] = ("al
     blocks = list(group_records(records, columns)) if columns else [()]
     block_label = {b: " · ".join(b) for b in blocks}
     block_title = {b: " · ".join(value_title(k, v) for k, v in zip(columns, b)) for b in blocks}
-    out_columns = [Column(f"{block_label[b]} · {m}" if b else m, "accuracy",
-                          title=f"{block_title[b]} · {metric_label(m)}" if b else metric_label(m))
-                   for b in blocks for m in metrics]
+    # Rows that each change zero-shot (all keyed by ZEROSHOT_GROUPS): zero-shot is a column, not a row per row.
+    zs_columns = zeroshot and all(k.split(".")[0] in ZEROSHOT_GROUPS for k in rows)
+    prefixes = [f"{ZEROSHOT_LABEL} · ", ""] if zs_columns else [""]
+    out_columns = [Column(f"{block_label[b]} · {z}{m}" if b else f"{z}{m}", "accuracy",
+                          title=f"{block_title[b]} · {z}{metric_label(m)}" if b else f"{z}{metric_label(m)}")
+                   for b in blocks for z in prefixes for m in metrics]
     eff = _efficiency_columns(records) if efficiency else []
     out_columns += [Column(label, "cost", unit, digits) for label, unit, digits, _ in eff]
     notes = ["efficiency columns average over all of a row's column blocks"] if eff and len(blocks) > 1 else []
@@ -372,12 +406,17 @@ def build_table(records: Sequence[Mapping[str, Any]], rows: Sequence[str] = ("al
                       for m in {*metrics, *(x for p in HM_PAIRS for x in p)}}
             values = {m: v for m, v in values.items() if v}
             per_metric = _metric_cells(values, metrics)
+            if zs_columns:
+                zs = {m: [float(r["zeroshot"][m]) for r in members if m in (r.get("zeroshot") or {})]
+                      for m in {*metrics, *(x for p in HM_PAIRS for x in p)}}
+                zs_metric = _metric_cells({m: v for m, v in zs.items() if v}, metrics)
+                line += [zs_metric[m] for m in metrics]
             line += [per_metric[m] for m in metrics]
         line += [_mean_std([v for r in row_records if (v := get(r)) is not None]) for _, _, _, get in eff]
         table_rows.append(row)
         cells.append(line)
 
-    if zeroshot:
+    if zeroshot and not zs_columns:
         for row, line in _zeroshot_rows(records, rows, columns, blocks, metrics, [e[0] for e in eff]):
             table_rows.append(row)
             cells.append(line)

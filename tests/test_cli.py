@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from helpers import SMALL
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,13 +30,24 @@ def test_cli_runs_and_writes_one_record(tmp_path):
 
 
 def test_bad_config_exits_nonzero_with_one_line_and_writes_nothing(tmp_path):
-    for override, key in (("partition.alpha=0", "partition.alpha"), ("shots=0", "shots"),
-                          ("algorithm.class_token_position=left", "class_token_position"),
+    done = _cli([*SMALL, "partition=dirichlet", "partition.alpha=0"], tmp_path)
+    assert done.returncode == 2, done.stderr[-1500:]
+    message = done.stderr.strip().splitlines()
+    assert len(message) == 1 and message[0].startswith("flbench: error:") and "partition.alpha" in message[0], message
+    assert not (tmp_path / "results").exists(), "partition.alpha=0 wrote results"
+
+
+def test_bad_values_are_refused_before_any_write(tmp_path):
+    """The same path in-process (a CLI start-up per value costs ~7 s): run() refuses before writing anything."""
+    from flbench.errors import ConfigError
+    from flbench.run import run
+    from helpers import compose_config
+
+    for override, key in (("shots=0", "shots"), ("algorithm.class_token_position=left", "class_token_position"),
                           ("num_clients=100000", "num_clients")):
-        done = _cli([*SMALL, "partition=dirichlet", override], tmp_path)
-        assert done.returncode == 2, (override, done.stderr[-1500:])
-        message = done.stderr.strip().splitlines()
-        assert len(message) == 1 and message[0].startswith("flbench: error:") and key in message[0], message
+        with pytest.raises(ConfigError, match=key) as refused:
+            run(compose_config(["partition=dirichlet", override], results_dir=tmp_path / "results"))
+        assert "\n" not in str(refused.value), (override, str(refused.value))
         assert not (tmp_path / "results").exists(), f"{override} wrote results"
 
 

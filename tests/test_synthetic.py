@@ -49,3 +49,26 @@ def test_pretraining_corpus_excludes_held_out_combinations_and_the_noisy_domain(
     held = {FAMILIES["shapes"].classname(label) for label in range(64) if FAMILIES["shapes"].held_out_of_pretraining(label)}
     assert not names & held
     assert {domain for _, domain in meta} == {"photo", "sketch", "cartoon"}
+
+
+
+def _worker_signal_handlers(chunk):
+    import signal
+
+    default = signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    return np.full((len(chunk), 1, 1, 3), int(default), np.uint8)
+
+
+def test_render_workers_leave_signals_to_the_parent(monkeypatch):
+    """Forked render workers inherited cli.stop_on_signals' handlers, so Pool.terminate() raised Interrupted inside
+    each worker, running its exit handlers on locks copied mid-use from the parent: a cold `python -m flbench` once
+    hung forever on such a worker. Workers now die on SIGTERM, ignore Ctrl-C (the parent stops the pool) and leave
+    through close/join."""
+    from flbench.cli import stop_on_signals
+    from flbench.datasets import synthetic
+
+    monkeypatch.setattr(synthetic, "render_many", _worker_signal_handlers)
+    specs = [FAMILIES["shapes"].spec(label, "photo", (label, i), 16) for label in range(64) for i in range(17)]
+    with stop_on_signals():
+        flags = synthetic._render_parallel(specs, 2)
+    assert len(flags) == len(specs) and flags.min() == 1, "a worker kept the CLI's signal handlers"

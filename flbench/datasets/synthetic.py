@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import logging
 import multiprocessing as mp
+import signal
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -97,14 +98,27 @@ def _render_parallel(specs: list[RenderSpec], workers: int, desc: str = "renderi
     parts = []
     with contextlib.ExitStack() as stack:
         if workers > 1 and len(chunks) > 1:
-            rendered = stack.enter_context(mp.get_context("fork").Pool(workers)).imap(render_many, chunks)
+            pool = stack.enter_context(mp.get_context("fork").Pool(workers, initializer=_default_signals))
+            rendered = pool.imap(render_many, chunks)
         else:
-            rendered = map(render_many, chunks)
+            pool, rendered = None, map(render_many, chunks)
         for part in rendered:
             parts.append(part)
             bar.update(len(part))
+        if pool is not None:  # workers leave on their own; terminate() is left for errors and interrupts
+            pool.close()
+            pool.join()
     bar.close()
     return np.concatenate(parts)
+
+
+def _default_signals() -> None:
+    """A forked worker inherits the CLI's SIGINT/SIGTERM handlers (cli.stop_on_signals), which raise in the worker:
+    on Pool.terminate() that exception ran the worker's exit handlers on locks copied mid-use from the parent, and
+    the worker hung (seen: a cold `python -m flbench` waiting forever on it). Workers die on SIGTERM and leave
+    Ctrl-C to the parent, which stops the pool."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def render_split(family: Family, domains: tuple[str, ...], split: str, per_class: int, suite_seed: int,

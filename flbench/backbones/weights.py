@@ -165,7 +165,8 @@ def check_archive(path: str | os.PathLike) -> None:
     """A checkpoint file exists and is a state-dict archive flbench can read (format only; nothing is unpickled)."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise ConfigError(f"backbone.checkpoint={path} does not exist")
+        raise ConfigError(f"backbone.checkpoint={path} does not exist; give the path of a state-dict file "
+                          "(.pt, .pth, .bin or .safetensors), or backbone.pretrained=<tag> instead")
     if path.suffix == ".safetensors":
         with open(path, "rb") as handle:
             header = handle.read(8)
@@ -201,8 +202,6 @@ def resolve_tag(arch: str, tag: str) -> tuple[str, dict[str, Any]]:
 def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], bool]:
     """(open_clip-style state dict, whether it is in OpenAI's format) from a checkpoint file, never executing code."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"backbone.checkpoint={path} does not exist")
     check_archive(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file

@@ -63,3 +63,22 @@ def test_converted_towers_get_budget_bytes_and_flops_columns(table):
     assert "| attention | zero-shot · Global | Global |" in markdown
     assert "routed-KV 3:1:6, calibrated" in markdown and "n = 2 seeds" in markdown
     assert not any(c.label.startswith("vision") for c in table.columns)  # no converted image tower here
+
+
+def test_a_seed_key_that_follows_the_runs_seed_is_part_of_the_seed():
+    """`calibration.seed: ${seed}` resolves to each run's seed: the seeds of one row, not a mixed folder; a seed key
+    that does not follow the run's seed still is."""
+    from flbench.results.tables import ReportError
+
+    def seeded(name: str, seed: int, calibration_seed: int) -> dict:
+        r = record(name, seed)
+        r["config"]["backbone"]["attention"]["calibration"] = {"seed": calibration_seed}
+        r["config_hash"] = config_hash(result_config(r["config"]))
+        return r
+
+    follows = [seeded(name, seed, seed) for name in ("dense", "routed_316") for seed in (0, 1)]
+    assert build_table(follows, rows=["backbone.attention.name"], metrics=["global"]).rows == [("dense",),
+                                                                                             ("routed_316",)]
+    fixed = [seeded("routed_316", 0, 0), seeded("routed_316", 1, 7)]
+    with pytest.raises(ReportError, match="calibration.seed"):
+        build_table(fixed, rows=["backbone.attention.name"], metrics=["global"])

@@ -230,12 +230,18 @@ def group_records(records: Sequence[Mapping[str, Any]], keys: Sequence[str]
     return dict(sorted(groups.items()))
 
 
+def _follows_seed(key: str, fields: Sequence[Mapping[str, Any]]) -> bool:
+    """A `*.seed` key equal to the run's seed in every record (`calibration.seed: ${seed}`): part of the seed, so
+    the cell's ± covers it, not another configuration."""
+    return key.rsplit(".", 1)[-1] == "seed" and all(f.get(key) == f.get("seed") for f in fields)
+
+
 def _check_cell(records: Sequence[Mapping[str, Any]], label: str) -> None:
     """A cell averages seeds of ONE configuration; anything else varying is a mixed folder."""
     fields = [record_fields(r) for r in records]
     keys = set().union(*fields) - {"seed"}
     varying = {k: sorted({str(f.get(k)) for f in fields}) for k in sorted(keys)
-               if len({json.dumps(f.get(k), default=str) for f in fields}) > 1}
+               if len({json.dumps(f.get(k), default=str) for f in fields}) > 1 and not _follows_seed(k, fields)}
     if varying:
         # A different algorithm.name explains every other algorithm.* difference: name the choice, not its fallout.
         chosen = {k.rsplit(".", 1)[0] for k in varying if k.endswith(".name")}

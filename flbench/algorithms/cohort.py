@@ -18,10 +18,12 @@ names, which every client of a round shares: they are not copied.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from flbench.algorithms.base import backward_outside_autocast
@@ -138,6 +140,22 @@ def bound(module: nn.Module, state: ClientState) -> Iterator[None]:
 def stacked(states: Sequence[ClientState], name: str) -> torch.Tensor:
     """[K, ...]: tensor `name` of every client, stacked (differentiable: each slice's gradient reaches its leaf)."""
     return torch.stack([s.tensors[name] for s in states])
+
+
+def global_local_backward(method: Any, states: Sequence[ClientState], encoded: Sequence[torch.Tensor],
+                          labels: Sequence[torch.Tensor], logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+                          ) -> list[torch.Tensor]:
+    """`cohort_backward` of a personalised method with a global and a local prompt (FedOTP, PromptFolio): all K
+    clients' 2·K prompts in one text-tower call, then each client's cross-entropy of `logits(both, x)`, where
+    `both` [2, C, D] holds its global and local class features."""
+    pairs = torch.stack([stacked(states, "global_ctx"), stacked(states, "local_ctx")], dim=1)  # [K, 2, n, W]
+    both = method.prompt.encode(pairs.flatten(0, 1).unsqueeze(1)).unflatten(0, pairs.shape[:2])  # [K, 2, C, D]
+    losses = []
+    for state, both_k, x, y in zip(states, both, encoded, labels):
+        with bound(method, state):
+            method.personalised.fill_(1.0)  # as PersonalPromptMethod.backward: this client is personalised
+            losses.append(F.cross_entropy(logits(both_k, x), y))
+    return backward_sum(losses, method.loss_scale)
 
 
 def backward_sum(losses: Sequence[torch.Tensor], loss_scale: torch.Tensor | None = None) -> list[torch.Tensor]:

@@ -16,10 +16,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from flbench.algorithms.cohort import ClientState, backward_sum, bound, stacked
+from flbench.algorithms.cohort import ClientState, global_local_backward
 from flbench.algorithms.personal import PersonalPromptMethod
 from flbench.algorithms.prompting import TextPrompt, context_length_of, init_context
 from flbench.backbones.clip import FrozenCLIP, normalize
@@ -85,14 +84,7 @@ way with θ = 0.2."""
 
     def cohort_backward(self, states: Sequence[ClientState], encoded: Sequence[torch.Tensor],
                         labels: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        pairs = torch.stack([stacked(states, "global_ctx"), stacked(states, "local_ctx")], dim=1)  # [K, 2, n, W]
-        both = self.prompt.encode(pairs.flatten(0, 1).unsqueeze(1)).unflatten(0, pairs.shape[:2])  # [K, 2, C, D]
-        losses = []
-        for state, both_k, x, y in zip(states, both, encoded, labels):
-            with bound(self, state):
-                self.personalised.fill_(1.0)  # as PersonalPromptMethod.backward: this client is personalised
-                losses.append(F.cross_entropy(self.text_logits(self.mixture(both_k), x), y))
-        return backward_sum(losses, self.loss_scale)
+        return global_local_backward(self, states, encoded, labels, lambda both, x: self.text_logits(self.mixture(both), x))
 
     def set_classnames(self, classnames: Sequence[str]) -> None:
         super().set_classnames(classnames)

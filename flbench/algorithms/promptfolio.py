@@ -84,7 +84,8 @@ way with θ = 0.2."""
 
     def cohort_backward(self, states: Sequence[ClientState], encoded: Sequence[torch.Tensor],
                         labels: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        return global_local_backward(self, states, encoded, labels, lambda both, x: self.text_logits(self.mixture(both), x))
+        return global_local_backward(self, states, encoded, labels,
+                                     lambda both, x: self.text_logits(self.mixture(both), x))
 
     def set_classnames(self, classnames: Sequence[str]) -> None:
         super().set_classnames(classnames)

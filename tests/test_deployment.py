@@ -41,6 +41,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _wait_for_port(port: int, timeout_s: float = 60.0) -> None:
+    """Until something listens on 127.0.0.1:`port`: `flwr run` fails at once ("Connection to the SuperLink is
+    unavailable") when it is started before the SuperLink it talks to has bound its port (seen on a busy CI box)."""
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            if time.time() > deadline:
+                pytest.fail(f"nothing listens on 127.0.0.1:{port} after {timeout_s:.0f} s")
+            time.sleep(0.2)
+
+
 def _processes_with(marker: str) -> list[int]:
     """PIDs whose environment carries `marker` (our private FLWR_HOME): the SuperLink, SuperNodes, and the
     SuperExec / ServerApp / ClientApp processes they spawn, detached or not."""
@@ -135,6 +149,7 @@ def test_flwr_run_on_a_superlink_and_two_supernodes_writes_the_same_record_as_in
         for i in range(2):
             start(f"supernode{i}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}",
                   "--port", str(_free_port()), "--node-config", f"partition-id={i} num-partitions=2")
+        _wait_for_port(link)
         launched = subprocess.run([str(BIN / "flwr"), "run", str(ROOT), "flbench-test", "--run-config",
                                    str(tmp_path / "run.toml")], cwd=tmp_path, env=env, capture_output=True,
                                   text=True, timeout=120)

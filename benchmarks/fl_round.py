@@ -20,7 +20,9 @@ trimmed, ...) so that drift of a shared machine hits both alike; "untrimmed" is 
 FLBENCH_TRIM_TEXT=0:
 
 - `trim`: seconds per round trimmed and untrimmed, cached and uncached; the speed-ups; the cache speed-up with
-  trimming; whether the metrics are identical (accuracies exactly, losses to 1e-5);
+  trimming; whether the metrics are identical (accuracies exactly, losses to 1e-5). `--switch prefix` compares
+  shared prompt prefixes on and off instead (FLBENCH_SHARE_PREFIX, both trimmed), `--switch text` both shortcuts
+  against neither; `experiment` takes the same switch;
 - `experiment`: the default experiment (`python -m flbench`) under /usr/bin/time -v, warm (the caches given) and
   cold (an empty FLBENCH_CACHE per run), trimmed and untrimmed: wall seconds and peak RSS;
 - `bucket`: whether one call per prompt length (each trimmed to its own length) beats one trimmed call;
@@ -176,6 +178,12 @@ def bench_memory(base: list[str], args: argparse.Namespace) -> dict[str, Any]:
 
 # --- text-length trimming, old vs new (issue 17) --------------------------------------------------------------------
 TRIM = {"trimmed": {"FLBENCH_TRIM_TEXT": "1"}, "untrimmed": {"FLBENCH_TRIM_TEXT": "0"}}
+# Shared prompt prefixes (flbench/backbones/text.py: encode_shared_prefix), both variants trimmed; and both text
+# shortcuts together against neither (the text side before issue 17).
+PREFIX = {"shared": {"FLBENCH_SHARE_PREFIX": "1"}, "unshared": {"FLBENCH_SHARE_PREFIX": "0"}}
+TEXT = {"shortcuts": {"FLBENCH_TRIM_TEXT": "1", "FLBENCH_SHARE_PREFIX": "1"},
+        "full": {"FLBENCH_TRIM_TEXT": "0", "FLBENCH_SHARE_PREFIX": "0"}}
+SWITCHES = {"trim": TRIM, "prefix": PREFIX, "text": TEXT}
 
 
 def accuracies_identical(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> bool:
@@ -191,19 +199,20 @@ def loss_gap(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> float:
 
 def bench_trim(base: list[str], args: argparse.Namespace) -> dict[str, Any]:
     overrides = [*COMMON, *base, f"num_rounds={args.rounds}"]
+    variants = SWITCHES[args.switch]
     out: dict[str, Any] = {}
     for cache in args.caches:
         name = "cached" if cache == "true" else "uncached"
         before = load1()
         runs = paired([*overrides, f"cache_features={cache}"], args.repeats, args.threads,
-                      {v: ("inprocess", env) for v, env in TRIM.items()})
-        new, old = (collect("inprocess", overrides, runs[v], before) for v in ("trimmed", "untrimmed"))
-        out[f"{name} trimmed"], out[f"{name} untrimmed"] = new, old
-        out[f"{name}: speed-up from trimming"] = old["round_s"] / new["round_s"]
+                      {v: ("inprocess", env) for v, env in variants.items()})
+        (new_name, new), (old_name, old) = ((v, collect("inprocess", overrides, runs[v], before)) for v in variants)
+        out[f"{name} {new_name}"], out[f"{name} {old_name}"] = new, old
+        out[f"{name}: speed-up, {new_name} vs {old_name}"] = old["round_s"] / new["round_s"]
         out[f"{name}: accuracies identical"] = accuracies_identical(new["history"], old["history"])
         out[f"{name}: largest relative loss difference"] = loss_gap(new["history"], old["history"])
     if len(args.caches) == 2:
-        for v in TRIM:
+        for v in variants:
             out[f"cache speed-up, {v}"] = out[f"uncached {v}"]["round_s"] / out[f"cached {v}"]["round_s"]
     return out
 
@@ -227,10 +236,11 @@ def bench_experiment(base: list[str], args: argparse.Namespace) -> dict[str, Any
                RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0")  # as `make run`
     env.setdefault("FLBENCH_CACHE", str(ROOT / ".cache" / "flbench"))
     out: dict[str, Any] = {}
+    variants = SWITCHES[args.switch]
     for kind in args.kinds:
-        before, runs = load1(), {v: [] for v in TRIM}
+        before, runs = load1(), {v: [] for v in variants}
         for _ in range(args.repeats):
-            for variant, switch in TRIM.items():
+            for variant, switch in variants.items():
                 with tempfile.TemporaryDirectory(prefix="flbench-cold-") as empty:
                     cache = {"FLBENCH_CACHE": empty} if kind == "cold" else {}
                     runs[variant].append(time_experiment(args.overrides, {**env, **switch, **cache}))
@@ -455,6 +465,8 @@ def main() -> None:
     parser.add_argument("--memory-rounds", type=int, default=2)
     parser.add_argument("--memory-modes", default="inprocess,ray", type=lambda s: s.split(","))
     parser.add_argument("--caches", default="true,false", type=lambda s: s.split(","), help="trim: cache_features")
+    parser.add_argument("--switch", choices=sorted(SWITCHES), default="trim",
+                        help="trim, experiment: what old vs new switches (trimming, prefix sharing, or both)")
     parser.add_argument("--kinds", default="warm,cold", type=lambda s: s.split(","), help="experiment: warm,cold")
     parser.add_argument("--models", default="tiny", type=lambda s: s.split(","), help="pretrain: tiny,tiny-vit")
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the measured processes")

@@ -61,12 +61,13 @@ def _stand_in_features(method, backbone, batch: int, training: bool):
     return features
 
 
-def _pass(name, hparams, backbone, images, labels, trim: bool):
-    """Build (hand-crafted features encoded under this setting), perturb, one training backward, eval logits."""
+def _pass(name, hparams, backbone, images, labels, trim: bool, switch=text_trimming):
+    """Build (hand-crafted features encoded under this setting), perturb, one training backward, eval logits.
+    `switch` is the text shortcut under test (trimming here, prefix sharing in tests/test_prefix.py)."""
     backbone.__dict__.pop("_handcrafted_text", None)
     real = backbone.name != "ViT-B-16"
     classes, templates = (CLASSES, TEMPLATES) if real else (VIT_CLASSES, VIT_TEMPLATES)
-    with text_trimming(trim):
+    with switch(trim):
         torch.manual_seed(0)
         method = build_method(name, backbone, classes, templates, {**HPARAMS.get(name, {}), **hparams})
         g = torch.Generator().manual_seed(1)

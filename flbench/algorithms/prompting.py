@@ -126,7 +126,16 @@ class TextPrompt(nn.Module):
         return self.eot_index
 
     def encode(self, ctx: torch.Tensor) -> torch.Tensor:
-        """Class text features [..., C, D] for the given context."""
+        """Class text features [..., C, D] for the given context.
+
+        A context shared by all classes ([n_ctx, W], or [..., 1, n_ctx, W]) before the class name makes
+        "[SOS] context" a prefix common to the C rows: the backbone computes it once per context."""
+        if self.position == "end" and (ctx.dim() == 2 or ctx.shape[-3] == 1):
+            lead = ctx.shape[:-3] if ctx.dim() > 2 else ()
+            ctx = ctx.reshape(-1, *ctx.shape[-2:])
+            prefix = torch.cat([self.prefix[:1].expand(ctx.shape[0], -1, -1), ctx], dim=-2)
+            features = self.backbone.encode_text_shared_prefix(prefix, self.suffix, self.eot_index)
+            return features.reshape(*lead, *features.shape[-2:])
         prompts = self.assemble(ctx)
         lead = prompts.shape[:-2]
         flat = prompts.reshape(-1, *prompts.shape[-2:])

@@ -17,8 +17,7 @@ import torch.nn.functional as F
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import nn
 
-from flbench.backbones.layers import sequence_lengths
-from flbench.backbones.text import project_eot, text_inputs, text_length
+from flbench.backbones.text import encode_embeddings, encode_shared_prefix, text_length
 
 log = logging.getLogger(__name__)
 
@@ -116,11 +115,14 @@ class FrozenCLIP(nn.Module):
         it returns `encode_text(tokens)`. Only the first `max(eot_index) + 1` positions are computed when the tower
         is causal: nothing later can reach an EOT token (exact up to rounding; flbench/backbones/text.py).
         """
-        m = self.model
-        x, mask = text_inputs(m, embeddings, eot_index)
-        with sequence_lengths(eot_index + 1):  # routed-KV attention: padding after EOT takes no expert capacity
-            x = m.transformer(x, attn_mask=mask)
-        return project_eot(m, x, eot_index)
+        return encode_embeddings(self.model, embeddings, eot_index)
+
+    def encode_text_shared_prefix(self, prefix: torch.Tensor, suffix: torch.Tensor, eot_index: torch.Tensor
+                                  ) -> torch.Tensor:
+        """Text features [G, C, D] of the rows prefix[g] ++ suffix[c]: prefix [G, P, width] shared by the C rows of
+        its group, suffix [(G,) C, S, width], eot_index [C] from the start of the row. The prefix is computed once
+        per group where that is exact (flbench/backbones/text.py: `encode_shared_prefix`)."""
+        return encode_shared_prefix(self.model, prefix, suffix, eot_index)
 
     @torch.no_grad()
     def encode_text(self, texts: list[str]) -> torch.Tensor:

@@ -71,7 +71,7 @@ def pooled_projection(weight: torch.Tensor, bias: torch.Tensor | None, heads: in
     return pooled_w, pooled_b
 
 
-def _sdpa_mask(attn_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+def sdpa_mask(attn_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """open_clip's float masks add to the scores; bool masks there mean "blocked" (SDPA's bool means "allowed")."""
     if attn_mask is None:
         return None
@@ -131,7 +131,7 @@ class SharedWeightAttention(nn.Module):
         q = self._heads(F.linear(x, wq, bq), self.num_heads)
         k = self._heads(F.linear(x, wk, bk), self.num_heads)
         v = self._heads(F.linear(x, wv, bv), self.num_heads)
-        mask = _sdpa_mask(attn_mask, x.dtype)
+        mask = sdpa_mask(attn_mask, x.dtype)
         return self._merge(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
 
     def forward(self, query: torch.Tensor, key: torch.Tensor | None = None, value: torch.Tensor | None = None,
@@ -175,7 +175,7 @@ class GroupedKVAttention(SharedWeightAttention):
         # Query head h reads K/V head h // g: repeat each compact head g times.
         k = k.repeat_interleave(self.group_size, dim=1)
         v = v.repeat_interleave(self.group_size, dim=1)
-        return self._merge(F.scaled_dot_product_attention(q, k, v, attn_mask=_sdpa_mask(attn_mask, x.dtype)))
+        return self._merge(F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask(attn_mask, x.dtype)))
 
     def kv_heads_per_token(self) -> float:
         return self.num_heads / self.group_size
@@ -225,5 +225,5 @@ def dense_attention(model: nn.Module) -> Iterator[None]:
 
 
 __all__ = ["TOWERS", "GroupedKVAttention", "SharedWeightAttention", "current_text_lengths", "dense_attention",
-           "is_causal_mask", "pooled_projection", "router_parameters", "sequence_lengths", "swapped_modules",
+           "is_causal_mask", "pooled_projection", "router_parameters", "sdpa_mask", "sequence_lengths", "swapped_modules",
            "transformer_blocks"]

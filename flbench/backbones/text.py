@@ -10,9 +10,18 @@ position 10 of CLIP's 77, so most of the text work was spent on padding nobody r
 A text tower without open_clip's causal mask (a custom config with `no_causal_mask`, or any other mask) lets every
 position see every other, padding included: it is never trimmed (`is_causal_text_tower`).
 
-Trimming is on by default. `text_trimming(False)` (a context manager) or the environment variable
-`FLBENCH_TRIM_TEXT=0` turn it off, for the exactness tests, the old-vs-new benchmarks and debugging; neither is a
-config key, so records and their hashes do not depend on it.
+Shared prefixes. A CoOp-style prompt "[SOS] ctx_1 … ctx_M name . [EOT]" starts with the same 1 + M positions for
+every class, and under the causal mask a position's hidden state depends only on the positions up to it: so the
+prefix's hidden states, layer by layer, are the same in every class row. `encode_shared_prefix` computes them once per
+group of rows (a client's C classes; K clients in a cohort; one image's C prompts in CoCoOp) and runs only the
+class-name positions per row, their queries attending to the group's prefix keys and values and to their own. That
+is the same attention over the same keys — exact up to rounding — at (P + C·S) instead of C·(P + S) positions per
+layer. It needs the plain open_clip block (dense multi-head attention, no cross-attention inputs); a swapped
+attention layer (GQA, routed-KV: its routing counts a row's tokens) or any other block falls back to full rows.
+
+Both are on by default. `text_trimming(False)` / `prefix_sharing(False)` (context managers) or the environment
+variables `FLBENCH_TRIM_TEXT=0` / `FLBENCH_SHARE_PREFIX=0` turn them off, for the exactness tests, the old-vs-new
+benchmarks and debugging; neither is a config key, so records and their hashes do not depend on them.
 """
 
 from __future__ import annotations
@@ -22,28 +31,47 @@ import os
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
+from open_clip.transformer import ResidualAttentionBlock
 from torch import nn
 
-from flbench.backbones.attention import is_causal_mask, sequence_lengths
+from flbench.backbones.layers import is_causal_mask, sdpa_mask, sequence_lengths
 
-TRIM_ENV = "FLBENCH_TRIM_TEXT"
-_override: list[bool] = []  # innermost text_trimming(...) last; empty = the environment decides
+TRIM_ENV, PREFIX_ENV = "FLBENCH_TRIM_TEXT", "FLBENCH_SHARE_PREFIX"
+_overrides: dict[str, list[bool]] = {TRIM_ENV: [], PREFIX_ENV: []}  # innermost block last; empty = the environment
 
 
 @contextlib.contextmanager
-def text_trimming(enabled: bool) -> Iterator[None]:
-    """Within this block, text-tower passes trim (True) or run every context position (False)."""
-    _override.append(bool(enabled))
+def _switched(env: str, enabled: bool) -> Iterator[None]:
+    _overrides[env].append(bool(enabled))
     try:
         yield
     finally:
-        _override.pop()
+        _overrides[env].pop()
+
+
+def _enabled(env: str) -> bool:
+    if _overrides[env]:
+        return _overrides[env][-1]
+    return os.environ.get(env, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def text_trimming(enabled: bool) -> contextlib.AbstractContextManager[None]:
+    """Within this block, text-tower passes trim (True) or run every context position (False)."""
+    return _switched(TRIM_ENV, enabled)
+
+
+def prefix_sharing(enabled: bool) -> contextlib.AbstractContextManager[None]:
+    """Within this block, rows with a shared prompt prefix compute it once (True) or each in full (False)."""
+    return _switched(PREFIX_ENV, enabled)
 
 
 def trimming_enabled() -> bool:
-    if _override:
-        return _override[-1]
-    return os.environ.get(TRIM_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+    return _enabled(TRIM_ENV)
+
+
+def prefix_sharing_enabled() -> bool:
+    return _enabled(PREFIX_ENV)
 
 
 def is_causal_text_tower(model: nn.Module) -> bool:
@@ -105,3 +133,75 @@ def encode_tokens(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     with sequence_lengths(eot_index + 1):
         x = model.transformer(x, attn_mask=mask)
     return project_eot(model, x, eot_index)
+
+
+def shares_prefix(model: nn.Module) -> bool:
+    """Whether `encode_shared_prefix` may split this text tower's rows: sharing is on, the tower is causal, and every
+    block is open_clip's plain one with its own dense multi-head attention (checked once per attention layout)."""
+    if not prefix_sharing_enabled() or not is_causal_text_tower(model):
+        return False
+    blocks = list(model.transformer.resblocks)
+    key = tuple(id(b.attn) for b in blocks) + (model.transformer.grad_checkpointing,)
+    cached = model.__dict__.get("_flbench_shares_prefix")
+    if cached is None or cached[0] != key:
+        plain = not model.transformer.grad_checkpointing and all(
+            type(b) is ResidualAttentionBlock and type(b.attn) is nn.MultiheadAttention and not hasattr(b, "ln_1_kv")
+            and b.attn._qkv_same_embed_dim and b.attn.batch_first for b in blocks)
+        cached = (key, plain)
+        model.__dict__["_flbench_shares_prefix"] = cached
+    return cached[1]
+
+
+def encode_shared_prefix(model: nn.Module, prefix: torch.Tensor, suffix: torch.Tensor, eot_index: torch.Tensor
+                         ) -> torch.Tensor:
+    """Text features [G, C, D] of the G·C rows "prefix[g] ++ suffix[c]" (token embeddings, before positions).
+
+    prefix [G, P, W] is shared by the C rows of group g; suffix [C, S, W] or [G, C, S, W]; eot_index [C] counts from
+    the start of the whole row and lies in the suffix. Falls back to full rows when the tower cannot share
+    (`shares_prefix`)."""
+    G, P, _ = prefix.shape
+    C = eot_index.shape[0]
+    suffix = suffix.expand(G, *suffix.shape[-3:])
+    if not shares_prefix(model):
+        rows = torch.cat([prefix.unsqueeze(1).expand(-1, C, -1, -1), suffix], dim=-2).flatten(0, 1)
+        return encode_embeddings(model, rows, eot_index.repeat(G)).unflatten(0, (G, C))
+    length = text_length(model, eot_index)
+    positions = model.positional_embedding.to(prefix.dtype)
+    x_prefix = prefix + positions[:P]
+    x_rows = suffix[..., :length - P, :] + positions[P:length]
+    mask = sdpa_mask(model.attn_mask[:length, :length], prefix.dtype)
+    for block in model.transformer.resblocks:
+        x_prefix, x_rows = _shared_block(block, x_prefix, x_rows, mask, P)
+    return project_eot(model, x_rows.flatten(0, 1), (eot_index - P).repeat(G)).unflatten(0, (G, C))
+
+
+def encode_embeddings(model: nn.Module, embeddings: torch.Tensor, eot_index: torch.Tensor) -> torch.Tensor:
+    """Text features of full rows of token embeddings [N, L, W], pooled at each row's EOT (trimmed)."""
+    x, mask = text_inputs(model, embeddings, eot_index)
+    with sequence_lengths(eot_index + 1):  # routed-KV attention: padding after EOT takes no expert capacity
+        x = model.transformer(x, attn_mask=mask)
+    return project_eot(model, x, eot_index)
+
+
+def _shared_block(block: ResidualAttentionBlock, x_prefix: torch.Tensor, x_rows: torch.Tensor, mask: torch.Tensor,
+                  P: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One residual block over prefix [G, P, W] and rows [G, C, S, W]: the rows' queries read the prefix's K/V."""
+    attn = block.attn
+    heads = attn.num_heads
+
+    def qkv(x: torch.Tensor) -> list[torch.Tensor]:  # [..., L, W] -> 3 × [..., heads, L, head_dim]
+        return [t.unflatten(-1, (heads, -1)).transpose(-3, -2)
+                for t in F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)]
+
+    def merged(out: torch.Tensor) -> torch.Tensor:
+        return block.ls_1(attn.out_proj(out.transpose(-3, -2).flatten(-2)))
+
+    (qp, kp, vp), (qr, kr, vr) = qkv(x_prefix), qkv(x_rows)
+    C = x_rows.shape[1]
+    k = torch.cat([kp.unsqueeze(1).expand(-1, C, -1, -1, -1), kr], dim=-2)
+    v = torch.cat([vp.unsqueeze(1).expand(-1, C, -1, -1, -1), vr], dim=-2)
+    x_prefix = x_prefix + merged(F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask[:P, :P]))
+    x_rows = x_rows + merged(F.scaled_dot_product_attention(qr, k, v, attn_mask=mask[P:]))
+    x_prefix = x_prefix + block.ls_2(block.mlp(block.ln_2(x_prefix)))
+    x_rows = x_rows + block.ls_2(block.mlp(block.ln_2(x_rows)))
+    return x_prefix, x_rows

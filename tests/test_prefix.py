@@ -1,0 +1,105 @@
+"""Shared prompt prefixes (flbench/backbones/text.py: `encode_shared_prefix`) are exact: every method's logits, loss
+and gradients agree with sharing on and off, the shared path really runs the prefix once per group, a tower it cannot
+split (swapped attention) falls back to full rows, and a federated record is the same either way.
+
+Tolerance. Sharing computes the same attention over the same keys; only the shapes of the products change (the
+prefix keys are concatenated per row instead of computed per row). To show that no term of any sum changed, the
+method-by-method check runs in float64, where reassociation costs ~1e-16 per operation: agreement to 1e-10 of the
+largest magnitude leaves no room for a wrong mask, a shifted position or a missing gradient path (each is off by
+1e-3 or more). In float32 the same comparisons differ by up to 5e-5 of the largest magnitude (KgCoOp's gradient,
+measured), the tolerance of tests/test_trimming.py.
+"""
+
+import pytest
+import torch
+
+from flbench.algorithms.base import build_method, method_class
+from flbench.backbones.attention import swap_attention
+from flbench.backbones.text import PREFIX_ENV, prefix_sharing, prefix_sharing_enabled, shares_prefix
+from helpers import random_tiny
+from test_trimming import CASES, _close, _pass
+
+TOL64 = 1e-10
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture
+def float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+@pytest.mark.parametrize("backbone_name", ["tiny", "tiny-vit"])
+def test_methods_give_the_same_logits_loss_and_gradients_with_a_shared_prefix(float64, backbone_name):
+    backbone = random_tiny(backbone_name, seed=1).double()
+    assert shares_prefix(backbone.model)
+    size = backbone.image_size
+    images = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    labels = torch.tensor([0, 1])
+    checked = []
+    for name, hparams in CASES:
+        if method_class(name).needs_vit and not backbone.is_vit:
+            continue
+        (ls, losss, gs), (lf, lossf, gf) = (_pass(name, hparams, backbone, images, labels, share, prefix_sharing)
+                                            for share in (True, False))
+        label = f"{name}{hparams or ''} on {backbone_name}"
+        assert ls.dtype == torch.float64 and _close(ls, lf) <= TOL64, f"{label}: logits differ by {_close(ls, lf):.1e}"
+        assert _close(losss, lossf) <= TOL64, f"{label}: loss differs"
+        assert gs.keys() == gf.keys() and (gs or name == "zeroshot"), f"{label}: not the same gradients"
+        worst = max((_close(gs[k], gf[k]) for k in gs), default=0.0)
+        assert worst <= TOL64, f"{label}: a gradient differs by {worst:.1e}"
+        checked.append(name)
+    assert checked == [n for n, _ in CASES if backbone.is_vit or not method_class(n).needs_vit]
+
+
+def _mlp_rows(backbone, run) -> list[int]:
+    """Positions the first block's MLP computes during `run()` (rows × length, summed over calls)."""
+    seen = []
+    hook = backbone.model.transformer.resblocks[0].mlp.register_forward_hook(
+        lambda module, args, out: seen.append(args[0].shape[:-1].numel()))
+    try:
+        run()
+    finally:
+        hook.remove()
+    return seen
+
+
+def test_the_prefix_is_computed_once_per_group():
+    backbone = random_tiny("tiny")
+    classes = ["red circle", "blue square with a long name", "star"]
+    coop = build_method("coop", backbone, classes, ["a photo of a {}."], {})
+    length = int(coop.prompt.eot().max()) + 1
+    prefix = 1 + coop.ctx.shape[0]  # [SOS] and the 4 context tokens
+    with torch.no_grad():
+        shared = _mlp_rows(backbone, coop.text_features)
+        cohort = _mlp_rows(backbone, lambda: coop.prompt.encode(torch.stack([coop.ctx] * 5).unsqueeze(1)))
+        with prefix_sharing(False):
+            full = _mlp_rows(backbone, coop.text_features)
+    assert full == [3 * length]
+    assert shared == [prefix, 3 * (length - prefix)]
+    assert cohort == [5 * prefix, 5 * 3 * (length - prefix)], "one prefix per client of a cohort"
+
+
+def test_a_tower_with_swapped_attention_falls_back_to_full_rows():
+    backbone = random_tiny("tiny")
+    swap_attention(backbone.model, {"kind": "gqa", "group_size": 2})
+    assert not shares_prefix(backbone.model)
+    coop = build_method("coop", backbone, ["red circle", "star"], ["a photo of a {}."], {})
+    with torch.no_grad():
+        ours = coop.text_features()
+        with prefix_sharing(False):
+            assert torch.equal(ours, coop.text_features())
+
+
+def test_the_switch_nests_and_the_environment_turns_sharing_off(monkeypatch):
+    monkeypatch.delenv(PREFIX_ENV, raising=False)
+    assert prefix_sharing_enabled()
+    with prefix_sharing(False):
+        assert not prefix_sharing_enabled()
+        with prefix_sharing(True):
+            assert prefix_sharing_enabled()
+    monkeypatch.setenv(PREFIX_ENV, "0")
+    assert not prefix_sharing_enabled() and not shares_prefix(random_tiny("tiny").model)

@@ -124,6 +124,36 @@ def _tile_starts(P0, C0, P1, C1, P2, C2, P3, C3, batch, row_hi, CAUSAL: tl.const
 
 
 @triton.jit
+def _query_block(num_heads, seq_len, head_dim, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's query block (grid (cdiv(L, BLOCK_M), B * H)): batch, head, row and column offsets, the valid
+    rows and the valid [row, column] tile."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < seq_len
+    tile_ok = row_ok[:, None] & (offs_d[None, :] < head_dim)
+    return pid_bh // num_heads, pid_bh % num_heads, offs_m, offs_d, row_ok, tile_ok
+
+
+@triton.jit
+def _load_rows(X, batch, head, stride_b, stride_h, stride_m, offs_m, offs_d, tile_ok):
+    """Rows offs_m of head `head` of batch `batch` of a [B, H, L, d] tensor (zeros outside tile_ok)."""
+    return tl.load(X + batch.to(tl.int64) * stride_b + head.to(tl.int64) * stride_h
+                   + offs_m[:, None] * stride_m + offs_d[None, :], mask=tile_ok, other=0.0)
+
+
+@triton.jit
+def _scores(q, k, slot_pos, offs_m, qk_scale, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+    """Base-2 scores [BLOCK_M, BLOCK_N] of a query block against a key tile, and which of them are visible."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    visible = slot_pos[None, :] >= 0
+    if CAUSAL:
+        visible = visible & (slot_pos[None, :] <= offs_m[:, None])
+    return s, visible
+
+
+@triton.jit
 def routed_attention_fwd_kernel(
     Q, Out, Lse,
     K0, V0, P0, C0, sk0b, sk0h, sk0n, sv0b, sv0h, sv0n,
@@ -137,20 +167,12 @@ def routed_attention_fwd_kernel(
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Grid (cdiv(L, BLOCK_M), B * H)."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    batch = pid_bh // num_heads
-    head = pid_bh % num_heads
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < seq_len
-    tile_ok = row_ok[:, None] & (offs_d[None, :] < head_dim)
-    q = tl.load(Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
-                + offs_m[:, None] * stride_qm + offs_d[None, :], mask=tile_ok, other=0.0)
+    batch, head, offs_m, offs_d, row_ok, tile_ok = _query_block(num_heads, seq_len, head_dim, BLOCK_M, BLOCK_D)
+    q = _load_rows(Q, batch, head, stride_qb, stride_qh, stride_qm, offs_m, offs_d, tile_ok)
     if DOT_FP32:
         q = q.to(tl.float32)
 
-    row_hi = tl.minimum(pid_m * BLOCK_M + BLOCK_M, seq_len) - 1
+    row_hi = tl.minimum(tl.program_id(0) * BLOCK_M + BLOCK_M, seq_len) - 1
     s1, s2, s3, total = _tile_starts(P0, C0, P1, C1, P2, C2, P3, C3, batch, row_hi, CAUSAL, BLOCK_N)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -161,10 +183,7 @@ def routed_attention_fwd_kernel(
             K0, V0, P0, C0, sk0b, sk0h, sk0n, sv0b, sv0h, sv0n, K1, V1, P1, C1, sk1b, sk1h, sk1n, sv1b, sv1h, sv1n,
             K2, V2, P2, C2, sk2b, sk2h, sk2n, sv2b, sv2h, sv2n, K3, V3, P3, C3, sk3b, sk3h, sk3n, sv3b, sv3h, sv3n,
             G0, G1, G2, G3, BLOCK_N, DOT_FP32)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        visible = slot_pos[None, :] >= 0
-        if CAUSAL:
-            visible = visible & (slot_pos[None, :] <= offs_m[:, None])
+        s, visible = _scores(q, k, slot_pos, offs_m, qk_scale, CAUSAL, PRECISION)
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -182,7 +201,8 @@ def routed_attention_fwd_kernel(
     o_ptrs = (Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
               + offs_m[:, None] * stride_om + offs_d[None, :])
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=tile_ok)
-    tl.store(Lse + pid_bh.to(tl.int64) * seq_len + offs_m, lse2, mask=row_ok)  # Lse: contiguous [B, H, L]
+    row_base = tl.program_id(1).to(tl.int64) * seq_len  # Lse: contiguous [B, H, L]
+    tl.store(Lse + row_base + offs_m, lse2, mask=row_ok)
 
 
 @triton.jit
@@ -192,19 +212,10 @@ def routed_attention_bwd_delta_kernel(
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Delta = rowsum(dO * O), contiguous [B, H, L] fp32; grid (cdiv(L, BLOCK_M), B * H)."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    batch = pid_bh // num_heads
-    head = pid_bh % num_heads
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < seq_len
-    tile_ok = row_ok[:, None] & (offs_d[None, :] < head_dim)
-    o = tl.load(Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
-                + offs_m[:, None] * stride_om + offs_d[None, :], mask=tile_ok, other=0.0).to(tl.float32)
-    do = tl.load(dOut + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
-                 + offs_m[:, None] * stride_dom + offs_d[None, :], mask=tile_ok, other=0.0).to(tl.float32)
-    tl.store(Delta + pid_bh.to(tl.int64) * seq_len + offs_m, tl.sum(o * do, axis=1), mask=row_ok)
+    batch, head, offs_m, offs_d, row_ok, tile_ok = _query_block(num_heads, seq_len, head_dim, BLOCK_M, BLOCK_D)
+    o = _load_rows(Out, batch, head, stride_ob, stride_oh, stride_om, offs_m, offs_d, tile_ok).to(tl.float32)
+    do = _load_rows(dOut, batch, head, stride_dob, stride_doh, stride_dom, offs_m, offs_d, tile_ok).to(tl.float32)
+    tl.store(Delta + tl.program_id(1).to(tl.int64) * seq_len + offs_m, tl.sum(o * do, axis=1), mask=row_ok)
 
 
 @triton.jit
@@ -221,25 +232,17 @@ def routed_attention_bwd_dq_kernel(
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dQ without atomics (deterministic); grid (cdiv(L, BLOCK_M), B * H); the same flattened loop as the forward."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    batch = pid_bh // num_heads
-    head = pid_bh % num_heads
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < seq_len
-    tile_ok = row_ok[:, None] & (offs_d[None, :] < head_dim)
-    q = tl.load(Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
-                + offs_m[:, None] * stride_qm + offs_d[None, :], mask=tile_ok, other=0.0)
-    do = tl.load(dOut + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
-                 + offs_m[:, None] * stride_dom + offs_d[None, :], mask=tile_ok, other=0.0)
+    batch, head, offs_m, offs_d, row_ok, tile_ok = _query_block(num_heads, seq_len, head_dim, BLOCK_M, BLOCK_D)
+    q = _load_rows(Q, batch, head, stride_qb, stride_qh, stride_qm, offs_m, offs_d, tile_ok)
+    do = _load_rows(dOut, batch, head, stride_dob, stride_doh, stride_dom, offs_m, offs_d, tile_ok)
     if DOT_FP32:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
-    lse2 = tl.load(Lse + pid_bh.to(tl.int64) * seq_len + offs_m, mask=row_ok, other=0.0)
-    delta = tl.load(Delta + pid_bh.to(tl.int64) * seq_len + offs_m, mask=row_ok, other=0.0)
+    row_base = tl.program_id(1).to(tl.int64) * seq_len
+    lse2 = tl.load(Lse + row_base + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(Delta + row_base + offs_m, mask=row_ok, other=0.0)
 
-    row_hi = tl.minimum(pid_m * BLOCK_M + BLOCK_M, seq_len) - 1
+    row_hi = tl.minimum(tl.program_id(0) * BLOCK_M + BLOCK_M, seq_len) - 1
     s1, s2, s3, total = _tile_starts(P0, C0, P1, C1, P2, C2, P3, C3, batch, row_hi, CAUSAL, BLOCK_N)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for t in range(0, total):
@@ -248,10 +251,7 @@ def routed_attention_bwd_dq_kernel(
             K0, V0, P0, C0, sk0b, sk0h, sk0n, sv0b, sv0h, sv0n, K1, V1, P1, C1, sk1b, sk1h, sk1n, sv1b, sv1h, sv1n,
             K2, V2, P2, C2, sk2b, sk2h, sk2n, sv2b, sv2h, sv2n, K3, V3, P3, C3, sk3b, sk3h, sk3n, sv3b, sv3h, sv3n,
             G0, G1, G2, G3, BLOCK_N, DOT_FP32)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        visible = slot_pos[None, :] >= 0
-        if CAUSAL:
-            visible = visible & (slot_pos[None, :] <= offs_m[:, None])
+        s, visible = _scores(q, k, slot_pos, offs_m, qk_scale, CAUSAL, PRECISION)
         # Mask before exp2: an empty row has lse2 = -inf, and masked scores must give exactly 0.
         p = tl.exp2(tl.where(visible, s - lse2[:, None], float("-inf")))
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)

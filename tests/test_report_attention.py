@@ -82,3 +82,15 @@ def test_a_seed_key_that_follows_the_runs_seed_is_part_of_the_seed():
     fixed = [seeded("routed_316", 0, 0), seeded("routed_316", 1, 7)]
     with pytest.raises(ReportError, match="calibration.seed"):
         build_table(fixed, rows=["backbone.attention.name"], metrics=["global"])
+
+def test_the_whole_model_kv_column_appears_only_beside_two_converted_towers(table):
+    labels = [c.label for c in table.columns]
+    assert "KV bytes %" not in labels, "one converted tower: its nominal and measured columns are the budget"
+    both = []
+    for name in ("dense", "routed_316"):
+        for seed in (0, 1):
+            r = record(name, seed)
+            r["costs"]["attention"]["vision"] = dict(r["costs"]["attention"]["text"])
+            both.append(r)
+    labels = [c.label for c in build_table(both, rows=["backbone.attention.name"], metrics=["global"]).columns]
+    assert "KV bytes %" in labels and "text KV % nominal" in labels and "vision KV % nominal" in labels

@@ -355,13 +355,18 @@ def _tower_columns(records: Sequence[Mapping[str, Any]]) -> list[tuple[str, str,
 
 
 def _efficiency_columns(records: Sequence[Mapping[str, Any]]) -> list[tuple[str, str, int, Any]]:
-    """The EFFICIENCY columns some record has a value for (KV bytes only when some backbone is not dense: a column
-    of 100.0 says nothing)."""
+    """The EFFICIENCY columns some record has a value for. The whole-model "KV bytes %" only where it adds something:
+    some backbone is not dense (a column of 100.0 says nothing), and not exactly one tower is converted (then that
+    tower's own nominal and measured columns are the budget, and a third figure beside them only confuses)."""
+    towers = _tower_columns(records)
+
     def shown(label: str, get: Any) -> bool:
         values = [v for r in records if (v := get(r)) is not None]
-        return bool(values) and (label != "KV bytes %" or any(abs(v - 100.0) > 1e-9 for v in values))
+        if label != "KV bytes %":
+            return bool(values)
+        return len(towers) != len(TOWER_COLUMNS) and any(abs(v - 100.0) > 1e-9 for v in values)
 
-    return [column for column in EFFICIENCY if shown(column[0], column[3])] + _tower_columns(records)
+    return [column for column in EFFICIENCY if shown(column[0], column[3])] + towers
 
 
 def build_table(records: Sequence[Mapping[str, Any]], rows: Sequence[str] = ("algorithm.name",),

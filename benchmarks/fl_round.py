@@ -22,7 +22,8 @@ FLBENCH_TRIM_TEXT=0:
 - `trim`: seconds per round trimmed and untrimmed, cached and uncached; the speed-ups; the cache speed-up with
   trimming; whether the metrics are identical (accuracies exactly, losses to 1e-5). `--switch prefix` compares
   shared prompt prefixes on and off instead (FLBENCH_SHARE_PREFIX, both trimmed), `--switch text` both shortcuts
-  against neither; `experiment` takes the same switch;
+  against neither; `experiment` takes the same switch, and `--switch store` (the feature store on and off) or
+  `--switch all` (everything on against everything off);
 - `experiment`: the default experiment (`python -m flbench`) under /usr/bin/time -v, warm (the caches given) and
   cold (an empty FLBENCH_CACHE per run), trimmed and untrimmed: wall seconds and peak RSS;
 - `bucket`: whether one call per prompt length (each trimmed to its own length) beats one trimmed call;
@@ -183,7 +184,11 @@ TRIM = {"trimmed": {"FLBENCH_TRIM_TEXT": "1"}, "untrimmed": {"FLBENCH_TRIM_TEXT"
 PREFIX = {"shared": {"FLBENCH_SHARE_PREFIX": "1"}, "unshared": {"FLBENCH_SHARE_PREFIX": "0"}}
 TEXT = {"shortcuts": {"FLBENCH_TRIM_TEXT": "1", "FLBENCH_SHARE_PREFIX": "1"},
         "full": {"FLBENCH_TRIM_TEXT": "0", "FLBENCH_SHARE_PREFIX": "0"}}
-SWITCHES = {"trim": TRIM, "prefix": PREFIX, "text": TEXT}
+# The feature store (flbench/features.py): a process reads the frozen image features earlier runs stored, or
+# encodes them; and everything of issue 17 together against none of it.
+STORE = {"stored": {"FLBENCH_FEATURE_STORE": "1"}, "encoded": {"FLBENCH_FEATURE_STORE": "0"}}
+ALL = {"all": {**TEXT["shortcuts"], **STORE["stored"]}, "none": {**TEXT["full"], **STORE["encoded"]}}
+SWITCHES = {"trim": TRIM, "prefix": PREFIX, "text": TEXT, "store": STORE, "all": ALL}
 
 
 def accuracies_identical(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> bool:

@@ -24,9 +24,10 @@ from flbench.backbones.weights import backbone_image_size
 from flbench.datasets import load_dataset
 from flbench.datasets.base import DatasetBundle, ImageSet
 from flbench.datasets.partition import partition
-from flbench.engine import (AugmentedViews, check_precision, encode_all, encode_views, evaluate_accuracy, predict,
+from flbench.engine import (AugmentedViews, check_precision, encode_views, evaluate_accuracy, predict,
                             resolve_device, train_local)
 from flbench.errors import ConfigError
+from flbench.features import image_features
 from flbench.fl.protocols import Protocol, get_protocol
 from flbench.scenarios import EvalSplit, ScenarioData, build_scenario, personal_split, summarise_clients
 
@@ -148,10 +149,10 @@ class Experiment:
                 and (not augment or self.cache_views > 0))
 
     def encoded(self, key: str, images: ImageSet) -> Encoded | None:
-        """Frozen image features of `images`, computed on first use and kept (on the device) for the life of the
-        process."""
+        """Frozen image features of `images`, computed on first use (or read from the feature store, which keeps
+        them between processes: flbench/features.py) and kept (on the device) for the life of the process."""
         if key not in self._encoded:
-            self._encoded[key] = encode_all(self.method, images, int(self.cfg["eval"]["batch_size"]))
+            self._encoded[key] = image_features(self.method, images, int(self.cfg["eval"]["batch_size"]))
         return self._encoded[key]
 
     def _training_cache(self, key: str, images: ImageSet, seed_part: int) -> Encoded | AugmentedViews | None:

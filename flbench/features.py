@@ -2,7 +2,7 @@
 
 `Experiment.encoded` keeps a shard's or split's features for the life of a process; every new run — each job of a
 sweep, each rerun of the default experiment — used to push the same images through the same frozen image tower
-again (on the default experiment, a sixth of a warm run). Here a set's features are stored under
+again (on the default experiment, about a fifth of a warm run: docs/benchmarks.md). Here a set's features are stored under
 `$FLBENCH_CACHE/features/<key>.pt` the first time and read back after.
 
 The key is everything the features are a function of, so a stored file is only ever read where encoding would have
@@ -67,14 +67,17 @@ def _store_key(method: PromptMethod, images: ImageSet, batch_size: int) -> str |
 
 
 def tower_digest(backbone: FrozenCLIP) -> str:
-    """SHA-1 of the image tower: every tensor of its state (routers included), its structure, the normalisation.
-    Kept while the tower's tensors are the same objects at the same versions (frozen: hashed once per process)."""
+    """SHA-1 of the image tower: every tensor of its state (routers included), its structure and plain settings, the
+    normalisation. Kept while the tower's tensors are the same objects at the same versions and its structure and
+    settings read the same (frozen: hashed once per process)."""
     visual = backbone.model.visual
     tensors = [*visual.state_dict(keep_vars=True).values(), backbone.mean, backbone.std]
-    signature = tuple((t.data_ptr(), t._version) for t in tensors)
+    settings = sorted((k, v) for k, v in vars(visual).items()  # output_tokens, pool_type, ...: not in the repr
+                      if not k.startswith("_") and isinstance(v, (bool, int, float, str, tuple)))
+    signature = (tuple((t.data_ptr(), t._version) for t in tensors), repr(visual), repr(settings))
     cached = backbone.__dict__.get("_tower_digest")
     if cached is None or cached[0] != signature:
-        digest = hashlib.sha1(repr(visual).encode())
+        digest = hashlib.sha1((signature[1] + signature[2]).encode())
         for name, tensor in [*visual.state_dict().items(), ("mean", backbone.mean), ("std", backbone.std)]:
             digest.update(name.encode() + str(tuple(tensor.shape)).encode() + str(tensor.dtype).encode())
             digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())

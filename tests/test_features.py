@@ -98,3 +98,12 @@ def test_a_federated_record_is_the_same_with_the_store_hot_and_off(tmp_path, mon
     assert hot["metrics"] == off["metrics"] and hot["zeroshot"] == off["zeroshot"]
     strip = [{k: v for k, v in row.items() if k != "time_s"} for row in hot["history"]]
     assert strip == [{k: v for k, v in row.items() if k != "time_s"} for row in off["history"]]
+
+
+def test_a_changed_tower_setting_is_another_key(store):
+    backbone = random_tiny("tiny-vit")
+    coop = build_method("coop", backbone, ["a", "b"], ["a photo of a {}."], {})
+    image_features(coop, _images(), 4)
+    backbone.model.visual.final_ln_after_pool = not getattr(backbone.model.visual, "final_ln_after_pool", False)
+    image_features(coop, _images(), 4)
+    assert len(list(store.glob("*.pt"))) == 2

@@ -128,11 +128,7 @@ def encode_tokens(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
         return model.encode_text(tokens)
     eot_index = tokens.argmax(dim=-1)
     tokens = tokens[:, :text_length(model, eot_index)]
-    cast = model.transformer.get_cast_dtype()
-    x, mask = text_inputs(model, model.token_embedding(tokens).to(cast), eot_index)
-    with sequence_lengths(eot_index + 1):
-        x = model.transformer(x, attn_mask=mask)
-    return project_eot(model, x, eot_index)
+    return encode_embeddings(model, model.token_embedding(tokens).to(model.transformer.get_cast_dtype()), eot_index)
 
 
 def shares_prefix(model: nn.Module) -> bool:

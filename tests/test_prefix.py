@@ -56,7 +56,7 @@ def test_methods_give_the_same_logits_loss_and_gradients_with_a_shared_prefix(fl
 
 
 def _mlp_rows(backbone, run) -> list[int]:
-    """Positions the first block's MLP computes during `run()` (rows × length, summed over calls)."""
+    """Positions the first block's MLP computes in each of its calls during `run()`."""
     seen = []
     hook = backbone.model.transformer.resblocks[0].mlp.register_forward_hook(
         lambda module, args, out: seen.append(args[0].shape[:-1].numel()))
@@ -79,8 +79,8 @@ def test_the_prefix_is_computed_once_per_group():
         with prefix_sharing(False):
             full = _mlp_rows(backbone, coop.text_features)
     assert full == [3 * length]
-    assert shared == [prefix, 3 * (length - prefix)]
-    assert cohort == [5 * prefix, 5 * 3 * (length - prefix)], "one prefix per client of a cohort"
+    assert shared == [prefix + 3 * (length - prefix)], "the prefix once, then each row's own positions"
+    assert cohort == [5 * prefix + 5 * 3 * (length - prefix)], "one prefix per client of a cohort"
 
 
 def test_a_tower_with_swapped_attention_falls_back_to_full_rows():
@@ -103,3 +103,18 @@ def test_the_switch_nests_and_the_environment_turns_sharing_off(monkeypatch):
             assert prefix_sharing_enabled()
     monkeypatch.setenv(PREFIX_ENV, "0")
     assert not prefix_sharing_enabled() and not shares_prefix(random_tiny("tiny").model)
+
+
+def test_shared_prefix_features_do_not_depend_on_the_thread_count():
+    """Ray workers and the in-process backend run other thread counts and must give the same numbers: CPU matrix
+    products of 5-11 rows (one prefix alone) sum in a thread-dependent order, so prefix and rows share one product."""
+    backbone = random_tiny("tiny")
+    coop = build_method("coop", backbone, [f"class {i} shape" for i in range(64)], ["a photo of a {}."], {})
+    runs = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        coop.ctx.grad = None
+        features = coop.text_features()
+        features.pow(2).sum().backward()
+        runs.append((features.detach(), coop.ctx.grad.clone()))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])

@@ -56,8 +56,10 @@ def image_features(method: PromptMethod, images: ImageSet, batch_size: int) -> E
 
 
 def _store_key(method: PromptMethod, images: ImageSet, batch_size: int) -> str | None:
+    if not store_enabled() or type(method).encode is not PromptMethod.encode:
+        return None
     images_digest = content_digest(images)
-    if not store_enabled() or type(method).encode is not PromptMethod.encode or images_digest is None:
+    if images_digest is None:
         return None
     digest = hashlib.sha1(VERSION)
     for part in (tower_digest(method.backbone), images_digest, str(batch_size), str(method.precision),

@@ -15,7 +15,7 @@ import torch
 
 from flbench.algorithms.base import build_method, method_class
 from flbench.backbones.attention import swap_attention
-from flbench.backbones.text import PREFIX_ENV, prefix_sharing, prefix_sharing_enabled, shares_prefix
+from flbench.backbones.text import PREFIX_ENV, prefix_sharing, shares_prefix
 from helpers import random_tiny
 from test_trimming import CASES, _close, _pass
 
@@ -94,15 +94,13 @@ def test_a_tower_with_swapped_attention_falls_back_to_full_rows():
             assert torch.equal(ours, coop.text_features())
 
 
-def test_the_switch_nests_and_the_environment_turns_sharing_off(monkeypatch):
+def test_the_environment_variable_turns_sharing_off_for_a_shareable_tower(monkeypatch):
+    # (the switch itself nests like trimming's: tests/test_trimming.py, one parametrised test for both)
+    backbone = random_tiny("tiny")
     monkeypatch.delenv(PREFIX_ENV, raising=False)
-    assert prefix_sharing_enabled()
-    with prefix_sharing(False):
-        assert not prefix_sharing_enabled()
-        with prefix_sharing(True):
-            assert prefix_sharing_enabled()
+    assert shares_prefix(backbone.model)
     monkeypatch.setenv(PREFIX_ENV, "0")
-    assert not prefix_sharing_enabled() and not shares_prefix(random_tiny("tiny").model)
+    assert not shares_prefix(backbone.model)
 
 
 def test_shared_prefix_features_do_not_depend_on_the_thread_count():

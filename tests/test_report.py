@@ -247,7 +247,7 @@ def test_wandb_leaderboard_is_a_table_in_the_offline_run_and_written_locally(res
 
 
 def test_kv_bytes_percent_from_the_records_attention_costs():
-    from flbench.results.tables import kv_percent
+    from flbench.results.cost_columns import kv_percent
 
     text = {"kind": "dense", "layers": 3, "heads": 4, "head_dim": 32, "seq_len": 16, "kv_fraction": 1.0,
             "kv_bytes_per_token_per_layer": 1024.0, "kv_bytes_per_token_per_layer_realised": 1024.0}

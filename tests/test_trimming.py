@@ -19,7 +19,8 @@ import torch
 from flbench.algorithms.base import available_methods, build_method, method_class
 from flbench.backbones.clip import FrozenCLIP
 from flbench.backbones.tiny import TINY_CONFIGS
-from flbench.backbones.text import TRIM_ENV, is_causal_text_tower, text_length, text_trimming, trimming_enabled
+from flbench.backbones.text import (PREFIX_ENV, TRIM_ENV, is_causal_text_tower, prefix_sharing, prefix_sharing_enabled,
+                                    text_length, text_trimming, trimming_enabled)
 from helpers import random_tiny
 
 CLASSES = ["red circle", "blue square with a long name", "star"]
@@ -139,18 +140,20 @@ def test_a_pass_computes_only_the_positions_up_to_the_last_eot(backbones):
     assert _close(trimmed, full) <= TOL
 
 
-def test_the_switch_nests_and_the_environment_turns_trimming_off(monkeypatch):
-    monkeypatch.delenv(TRIM_ENV, raising=False)
-    assert trimming_enabled()
-    with text_trimming(False):
-        assert not trimming_enabled()
-        with text_trimming(True):
-            assert trimming_enabled()
-        assert not trimming_enabled()
-    monkeypatch.setenv(TRIM_ENV, "0")
-    assert not trimming_enabled()
-    with text_trimming(True):
-        assert trimming_enabled(), "the context manager wins over the environment (tests, benchmarks)"
+@pytest.mark.parametrize("env, switch, enabled", [(TRIM_ENV, text_trimming, trimming_enabled),
+                                                   (PREFIX_ENV, prefix_sharing, prefix_sharing_enabled)])
+def test_each_text_shortcut_switch_nests_and_its_environment_variable_turns_it_off(monkeypatch, env, switch, enabled):
+    monkeypatch.delenv(env, raising=False)
+    assert enabled()
+    with switch(False):
+        assert not enabled()
+        with switch(True):
+            assert enabled()
+        assert not enabled()
+    monkeypatch.setenv(env, "0")
+    assert not enabled()
+    with switch(True):
+        assert enabled(), "the context manager wins over the environment (tests, benchmarks)"
 
 
 def test_a_non_causal_text_tower_is_never_trimmed():

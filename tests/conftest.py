@@ -42,3 +42,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def float64():
+    """Default dtype float64 for the test: equivalence tests whose two sides sum in different orders (batched vs
+    separate calls, other GEMM shapes) then agree to ~1e-16 per operation on any CPU, so their tolerance can be tight
+    (in fp32, AdamW turns a rounding-level gradient difference on a near-zero element into a step of size lr)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)

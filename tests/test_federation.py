@@ -82,6 +82,9 @@ def test_corrupt_record_is_not_trusted(tmp_path):
 @pytest.mark.slow
 def test_ray_backend_gives_the_same_metrics_as_inprocess(inprocess_record, tmp_path):
     record, _ = inprocess_record
-    ray_record = run(compose_config(["backend=ray", "backend.num_cpus=2", "logger.mode=disabled"],
+    # Ray workers run `client_cpus` intra-op threads; CPU kernels may sum in thread-sized chunks (an AVX-512 Xeon gave
+    # other last bits at 1 and 2 threads), so the workers run as many threads as this process.
+    threads = f"backend.client_cpus={torch.get_num_threads()}"
+    ray_record = run(compose_config(["backend=ray", "backend.num_cpus=2", threads, "logger.mode=disabled"],
                                     results_dir=tmp_path))
     assert _metrics_only(ray_record["history"]) == _metrics_only(record["history"])

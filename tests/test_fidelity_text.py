@@ -159,9 +159,11 @@ def test_cocoop_matches_the_reference(backbone):
 
 
 # --- ProGrad --------------------------------------------------------------------------------------------------------
-def test_prograd_leaves_the_projected_gradient(backbone):
+def test_prograd_leaves_the_projected_gradient(float64):
     """CE gradient G_d, gradient G_g of the distillation to zero-shot CLIP (dataset template, T = 1); where they
-    conflict, G_d − λ (G_d·Ĝ_g) Ĝ_g with λ = 1 (Dassl.ProGrad `prograd_backward_and_update`)."""
+    conflict, G_d − λ (G_d·Ĝ_g) Ĝ_g with λ = 1 (Dassl.ProGrad `prograd_backward_and_update`). In float64: the
+    projection cancels most of G_d where the two nearly oppose, which in fp32 lifts rounding to ~2e-6 (AVX-512 CPU)."""
+    backbone = random_tiny().double()
     method = build("prograd", backbone)
     zeroshot_text = backbone.encode_text([TEMPLATES[0].format(c) for c in CLASSES])
     seen = set()
@@ -179,7 +181,7 @@ def test_prograd_leaves_the_projected_gradient(backbone):
         expected = g_d - torch.dot(g_d, unit(g_g)) * unit(g_g) if conflict else g_d
         method.zero_grad()
         method.backward(encoded, labels)
-        assert torch.allclose(method.ctx.grad.flatten(), expected, atol=1e-6, rtol=1e-4)
+        assert torch.allclose(method.ctx.grad.flatten(), expected, atol=1e-12, rtol=1e-9)
     assert seen == {True, False}, "both cases must occur for the test to mean anything"
 
 

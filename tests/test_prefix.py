@@ -24,14 +24,6 @@ TOL64 = 1e-10
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
 @pytest.mark.parametrize("backbone_name", ["tiny", "tiny-vit"])
 def test_methods_give_the_same_logits_loss_and_gradients_with_a_shared_prefix(float64, backbone_name):
     backbone = random_tiny(backbone_name, seed=1).double()

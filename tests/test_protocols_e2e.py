@@ -2,6 +2,7 @@
 injected failures under a personalised scenario; the same numbers on the Ray backend."""
 
 import pytest
+import torch
 
 from flbench.run import run
 from helpers import compose_config
@@ -29,6 +30,7 @@ def test_failure_injected_run_completes_and_counts_failures(heterogeneous):
 
 @pytest.mark.slow
 def test_ray_gives_the_same_heterogeneous_run(heterogeneous, tmp_path):
-    ray = run(compose_config(HETEROGENEOUS + ["backend=ray", "backend.num_cpus=2"], results_dir=tmp_path))
+    threads = f"backend.client_cpus={torch.get_num_threads()}"  # as many as this process: test_federation.py says why
+    ray = run(compose_config(HETEROGENEOUS + ["backend=ray", "backend.num_cpus=2", threads], results_dir=tmp_path))
     strip = [{k: v for k, v in row.items() if k != "time_s"} for row in heterogeneous["history"]]
     assert [{k: v for k, v in row.items() if k != "time_s"} for row in ray["history"]] == strip

@@ -23,7 +23,8 @@ FLBENCH_TRIM_TEXT=0:
   trimming; whether the metrics are identical (accuracies exactly, losses to 1e-5). `--switch prefix` compares
   shared prompt prefixes on and off instead (FLBENCH_SHARE_PREFIX, both trimmed), `--switch text` both shortcuts
   against neither; `experiment` takes the same switch, and `--switch store` (the feature store on and off) or
-  `--switch all` (everything on against everything off);
+  `--switch memo` (the evaluation memo of class features on and off), `--switch all` (everything on against
+  everything off);
 - `experiment`: the default experiment (`python -m flbench`) under /usr/bin/time -v, warm (the caches given) and
   cold (an empty FLBENCH_CACHE per run), trimmed and untrimmed: wall seconds and peak RSS;
 - `bucket`: whether one call per prompt length (each trimmed to its own length) beats one trimmed call;
@@ -188,8 +189,12 @@ TEXT = {"shortcuts": {"FLBENCH_TRIM_TEXT": "1", "FLBENCH_SHARE_PREFIX": "1"},
 # The feature store (flbench/features.py): a process reads the frozen image features earlier runs stored, or
 # encodes them; and everything of issue 17 together against none of it.
 STORE = {"stored": {"FLBENCH_FEATURE_STORE": "1"}, "encoded": {"FLBENCH_FEATURE_STORE": "0"}}
-ALL = {"all": {**TEXT["shortcuts"], **STORE["stored"]}, "none": {**TEXT["full"], **STORE["encoded"]}}
-SWITCHES = {"trim": TRIM, "prefix": PREFIX, "text": TEXT, "store": STORE, "all": ALL}
+# The evaluation memo (flbench/algorithms/prompting.py: text_features_memo): class features encoded once per
+# evaluation, or once per batch and split.
+MEMO = {"memo": {"FLBENCH_TEXT_MEMO": "1"}, "no memo": {"FLBENCH_TEXT_MEMO": "0"}}
+ALL = {"all": {**TEXT["shortcuts"], **STORE["stored"], **MEMO["memo"]},
+       "none": {**TEXT["full"], **STORE["encoded"], **MEMO["no memo"]}}
+SWITCHES = {"trim": TRIM, "prefix": PREFIX, "text": TEXT, "store": STORE, "memo": MEMO, "all": ALL}
 
 
 def accuracies_identical(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> bool:

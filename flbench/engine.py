@@ -20,6 +20,7 @@ import torch
 
 from flbench.algorithms.base import Encoded, PromptMethod
 from flbench.algorithms.cohort import ClientState, bound, owned_by, random_stream
+from flbench.algorithms.prompting import text_features_memo
 from flbench.datasets.base import ImageSet, iterate_batches
 from flbench.metrics import accuracy
 from flbench.errors import ConfigError
@@ -355,7 +356,7 @@ def predict(method: PromptMethod, images: ImageSet | None, batch_size: int, cach
     """Predicted class per image (argmax of logits over the method's current class names), as a CPU array."""
     method.eval()
     device = method.device
-    with autocast(device, method.precision):
+    with autocast(device, method.precision), text_features_memo():
         if cached is not None:
             n = num_encoded(cached)
             chunks = [method.logits(_index(cached, torch.arange(s, min(s + batch_size, n)))).argmax(-1)

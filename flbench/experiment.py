@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from flbench.algorithms.base import Encoded, PromptMethod, build_method
+from flbench.algorithms.prompting import text_features_memo
 from flbench.backbones.attention import attach_routers
 from flbench.backbones.build import load_backbone
 from flbench.backbones.clip import FrozenCLIP
@@ -270,7 +271,9 @@ class Experiment:
         method = self.fresh()
         state = method.reported_state(history)
         method.load_partial(state)
-        metrics = {**self.evaluate(method, self.scenario.val, "val"), **self.evaluate(method, self.scenario.test, "test")}
+        with text_features_memo():  # the class features of every split and batch encoded once
+            metrics = {**self.evaluate(method, self.scenario.val, "val"),
+                       **self.evaluate(method, self.scenario.test, "test")}
         if with_personal and self.scenario.personal:
             metrics.update(summarise_clients(self.evaluate_personal(method, self.training_clients), "personal"))
         if self.heldout_clients:

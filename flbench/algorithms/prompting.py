@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import contextvars
+import os
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -63,6 +66,30 @@ def context_length_of(backbone: FrozenCLIP, ctx_init: str | None, n_ctx: int) ->
                           f"fixes the context length; set algorithm.n_ctx={tokens}, or algorithm.ctx_init=null to "
                           f"learn {n_ctx} randomly initialised vectors")
     return tokens
+
+
+# Class text features already encoded in the current `text_features_memo()` block; None outside one.
+MEMO_ENV = "FLBENCH_TEXT_MEMO"
+_MEMO: contextvars.ContextVar[dict | None] = contextvars.ContextVar("flbench_text_memo", default=None)
+
+
+@contextlib.contextmanager
+def text_features_memo() -> Iterator[None]:
+    """Within this block, `TextPrompt.encode` without gradients encodes each unchanged context once: an evaluation
+    asks for the same class features for every batch and split (6 splits of the default experiment, each in
+    batches), and the answer cannot change while the prompt's tensors do not. A context counts as unchanged while
+    it is the same memory (data pointer, shape, strides, dtype: a parameter or a view of one, as `ctx.unsqueeze(1)`)
+    at the same version (in-place writes bump the version its views share) over the same class-name buffers; the
+    memo holds those tensors, so no other tensor can take their memory until the block ends. A context computed
+    afresh per call (stacked, generated) is new memory each time: encoded each time, as without the memo. Blocks
+    nest (the outer memo serves). `FLBENCH_TEXT_MEMO=0` opens none (old-vs-new benchmarks, debugging)."""
+    enabled = os.environ.get(MEMO_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+    token = _MEMO.set({}) if enabled and _MEMO.get() is None else None
+    try:
+        yield
+    finally:
+        if token is not None:
+            _MEMO.reset(token)
 
 
 class TextPrompt(nn.Module):
@@ -126,9 +153,19 @@ class TextPrompt(nn.Module):
         return self.eot_index
 
     def encode(self, ctx: torch.Tensor) -> torch.Tensor:
-        """Class text features [..., C, D] for the given context.
+        """Class text features [..., C, D] for the given context (from the memo when one is open: see
+        `text_features_memo`)."""
+        memo = _MEMO.get()
+        if memo is None or torch.is_grad_enabled():
+            return self._encode(ctx)
+        key = (id(self), ctx.data_ptr(), ctx.shape, ctx.stride(), ctx.dtype, ctx.device, ctx._version,
+               id(self.suffix), torch.is_autocast_enabled(ctx.device.type))
+        if key not in memo:
+            memo[key] = (ctx, self, self.suffix, self._encode(ctx))  # the tensors whose memory and ids the key holds
+        return memo[key][3]
 
-        A context shared by all classes ([n_ctx, W], or [..., 1, n_ctx, W]) before the class name makes
+    def _encode(self, ctx: torch.Tensor) -> torch.Tensor:
+        """A context shared by all classes ([n_ctx, W], or [..., 1, n_ctx, W]) before the class name makes
         "[SOS] context" a prefix common to the C rows: the backbone computes it once per context."""
         if self.position == "end" and (ctx.dim() == 2 or ctx.shape[-3] == 1):
             lead = ctx.shape[:-3] if ctx.dim() > 2 else ()

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -49,6 +50,19 @@ def test_client_state_restores_the_newest_file_before_the_round_and_prunes_safel
     assert not ckpt.restore_client(0, 3, fresh) and not len(fresh), "only files from before the round count"
     own = RecordDict({"v": ConfigRecord({"mine": 1})})
     assert not ckpt.restore_client(0, 6, own) and own["v"]["mine"] == 1, "a live state is never replaced"
+
+
+def test_a_checkpoint_of_other_backbone_weights_is_refused_naming_both(tmp_path):
+    """The config hash is the same on every machine, the tiny CLIP built from it is not (README: another CPU type
+    builds other weights), so a resume elsewhere must not continue one model's run on another's weights."""
+    cfg = {"results_dir": str(tmp_path), "checkpoint": {"every": 1}, "seed": 0}
+    made = Checkpointer.from_config(cfg, "44e8696e1f82")
+    round_log = SimpleNamespace(rounds=[], aggregates=[], started=0.0)
+    made.save_server(1, {"x": torch.zeros(2)}, round_log, SimpleNamespace())
+    assert Checkpointer.from_config(cfg, "44e8696e1f82").load_server()["weights"] == "44e8696e1f82"
+    with pytest.raises(DataFileError, match=f"{made.server_path} was made with backbone weights 44e8696e1f82, "
+                                            f"this process has fbf83dd9f714.*delete {made.root}"):
+        Checkpointer.from_config(cfg, "fbf83dd9f714").load_server()
 
 
 def test_an_unreadable_server_checkpoint_is_an_error_naming_it(tmp_path):

@@ -137,10 +137,11 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 class Checkpointer:
     root: Path  # this run's folder: <checkpoint dir>/<config hash>
     every: int  # checkpoint after every `every`-th round
+    weights: str | None = None  # the backbone's weights fingerprint: a resume must continue on the same weights
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> Checkpointer | None:
-        """None when checkpointing is off (`checkpoint.every=0`)."""
+    def from_config(cls, cfg: Mapping[str, Any], weights: str | None = None) -> Checkpointer | None:
+        """None when checkpointing is off (`checkpoint.every=0`). `weights`: the backbone's fingerprint."""
         from flbench.experiment import config_hash
         from flbench.results.record import result_config
 
@@ -151,7 +152,7 @@ class Checkpointer:
         if every == 0:
             return None
         base = Path(options.get("dir") or Path(cfg["results_dir"]) / "checkpoints")
-        return cls(base / config_hash(result_config(cfg)), every)
+        return cls(base / config_hash(result_config(cfg)), every, weights)
 
     # --- server side ------------------------------------------------------------------------------------------
     @property
@@ -163,6 +164,13 @@ class Checkpointer:
         if state is not None and not (isinstance(state, dict) and state.get("schema") == SCHEMA):
             raise DataFileError(f"checkpoint {self.server_path} is not an flbench {SCHEMA=} checkpoint; delete "
                                 f"{self.root} to start this run afresh")
+        saved = state.get("weights") if state is not None else None
+        if saved is not None and self.weights is not None and saved != self.weights:
+            # The config hash is the same on every machine, the tiny CLIP built from it is not (another CPU type
+            # builds other weights): continuing would give a record that is half one model, half another.
+            raise DataFileError(f"checkpoint {self.server_path} was made with backbone weights {saved}, this process "
+                                f"has {self.weights} (built on another CPU type or library build?); resume it where "
+                                f"it was made, or delete {self.root} to start this run afresh")
         return state
 
     def save_server(self, server_round: int, arrays: Mapping[str, torch.Tensor], round_log: Any,
@@ -170,7 +178,7 @@ class Checkpointer:
         _save(self.server_path, {
             "schema": SCHEMA, "round": server_round, "arrays": dict(arrays), "strategy": strategy_state(strategy),
             "rounds": list(round_log.rounds), "aggregates": list(round_log.aggregates), "rng": rng_state(),
-            "elapsed_s": time.perf_counter() - round_log.started,
+            "elapsed_s": time.perf_counter() - round_log.started, "weights": self.weights,
         })
         log.info("checkpoint: round %d saved to %s", server_round, self.server_path)
 

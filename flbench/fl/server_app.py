@@ -277,7 +277,8 @@ def make_server_app(cfg: Mapping[str, Any], round_log: RoundLog) -> ServerApp:
         ordered_grid = PartitionOrderedGrid(grid, num_nodes)
         strategy = instrument(protocol.strategy(cfg["protocol"], common), experiment, round_log,
                               ordered_grid.partition_of)
-        checkpointer = Checkpointer.from_config(cfg)  # resumes from the last checkpoint, saves new ones
+        # resumes from the last checkpoint (made on the same weights), saves new ones
+        checkpointer = Checkpointer.from_config(cfg, experiment.backbone.fingerprint())
         evaluate_fn = checkpointer.attach(strategy, evaluate, round_log) if checkpointer else evaluate
         method = experiment.fresh()
         result = strategy.start(grid=ordered_grid, initial_arrays=ArrayRecord(method.shared_state()),

@@ -40,6 +40,7 @@ def test_record_has_config_seed_rounds_and_named_metrics(inprocess_record):
     assert stored is not None and stored["complete"] is True
     assert stored["config"]["algorithm"]["name"] == "coop" and stored["seed"] == 0
     assert stored["backbone"]["name"] == "tiny" and len(stored["backbone"]["weights_sha1"]) == 12
+    assert stored["backbone"]["build_sha1"] == stored["backbone"]["weights_sha1"]  # dense: as built
     assert [row["round"] for row in stored["history"]] == [0, 1, 2]
     assert set(stored["metrics"]) == {"global", "domain/photo", "domain/noisy"}
     best_round = stored["metrics"]["global"]["best_val_round"]

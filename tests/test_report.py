@@ -133,6 +133,23 @@ def test_mixed_folder_names_the_differing_key_and_columns_resolve_it(results):
         filter_records(records, {"datset.family": "cars"})
 
 
+def test_records_of_one_backbone_from_two_builds_are_refused_naming_both():
+    """Two machines' tiny CLIPs from the same config (README: another CPU type builds other weights) must not meet
+    in one table; converted towers of one build (attention differs, the build does not) may."""
+    records = base2novel_records()
+    for record in records:
+        record["backbone"] = {"name": "tiny", "weights_sha1": "44e8696e1f82", "build_sha1": "44e8696e1f82"}
+    gqa = make_record("coop", 0, {"base": (60.0, 60.0), "novel": (50.0, 50.0)}, ZS,
+                      backbone={"name": "tiny", "attention": {"name": "gqa"}})
+    gqa["backbone"] = {"name": "tiny", "weights_sha1": "0123456789ab", "build_sha1": "44e8696e1f82"}
+    build_table([*records, gqa], rows=["algorithm.name", "backbone.attention.name"])
+    records[-1]["backbone"] = {"name": "tiny", "weights_sha1": "fbf83dd9f714", "build_sha1": "fbf83dd9f714"}
+    with pytest.raises(ReportError, match="come from 2 builds \\(weights SHA-1 44e8696e1f82, fbf83dd9f714"):
+        build_table(records, rows=["algorithm.name"])
+    del records[-1]["backbone"]["build_sha1"]  # a record from before builds were stored: not judged
+    build_table(records, rows=["algorithm.name"])
+
+
 def test_empty_or_corrupt_folder_gives_a_clear_message(tmp_path, capsys):
     with pytest.raises(ReportError, match="no records folder"):
         load_records(tmp_path / "nothing")

@@ -43,6 +43,7 @@ def test_uptraining_moves_only_the_kv_rows_and_routers(tmp_path, monkeypatch, at
         assert routers and all(not torch.equal(after[k], fresh[k]) for k in routers)
     assert all(not p.requires_grad for p in backbone.parameters())
     assert backbone.fingerprint() != fingerprint  # records name the uptrained weights
+    assert backbone.build_fingerprint() == fingerprint  # ... and the build they were converted from
     report = sorted(tmp_path.glob("uptrained/*.json"))
     assert len(report) == 1 and '"steps": 3' in report[0].read_text()
 

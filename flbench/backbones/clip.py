@@ -41,14 +41,27 @@ class FrozenCLIP(nn.Module):
         which backbone a record used (two tiny CLIPs built from the same settings on different CPUs may differ in
         the last bits), and the key of the routers calibrated for it. Computed once; the weights never change."""
         if "_fingerprint" not in self.__dict__:
-            digest = hashlib.sha1()
-            for name, tensor in sorted(self.model.state_dict().items()):
-                if ".router." in f".{name}":
-                    continue
-                digest.update(name.encode())
-                digest.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-            self.__dict__["_fingerprint"] = digest.hexdigest()[:12]
+            self.__dict__["_fingerprint"] = self._digest()
         return self.__dict__["_fingerprint"]
+
+    def _digest(self) -> str:
+        digest = hashlib.sha1()
+        for name, tensor in sorted(self.model.state_dict().items()):
+            if ".router." in f".{name}":
+                continue
+            digest.update(name.encode())
+            digest.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()[:12]
+
+    def remember_build(self) -> None:
+        """Keep the fingerprint of the weights as built or loaded: call before a conversion changes them."""
+        self.__dict__.setdefault("_build_fingerprint", self._digest())
+
+    def build_fingerprint(self) -> str:
+        """SHA-1 (12 hex digits) of the weights as built or loaded, before any conversion (GQA, routed-KV,
+        uptraining) changed them: one value for every record made from one build, whatever attention it swaps in.
+        It tells machines apart: the tiny CLIP built from the same settings on another CPU type is another model."""
+        return self.__dict__.get("_build_fingerprint") or self.fingerprint()
 
     def forget_fingerprint(self) -> None:
         """The weights were changed on purpose (an uptrained conversion): the next `fingerprint()` hashes them anew."""

@@ -140,6 +140,8 @@ def apply_attention(backbone: FrozenCLIP, backbone_cfg: Mapping[str, Any], force
     `force` recomputes the cached steps (the calibrate command's force=true).
     """
     settings = attention_settings(backbone_cfg.get("attention"))
+    if settings["kind"] != "dense":
+        backbone.remember_build()
     swap_attention(backbone.model, settings)
     if settings["kind"] == "routed_kv" and settings["routers"] == "calibrated":
         _load_into(backbone, calibrated_routers(backbone, backbone_cfg, force))

@@ -4,7 +4,8 @@ A table has one row per value of the `rows` config keys (e.g. `algorithm.name`) 
 per value of the `columns` keys (e.g. `dataset.family`). Each cell is the mean over the records in it ± their spread
 (sample std by default; standard error or a Student-t 95 % confidence interval on request) with its n, and those
 records must differ in nothing but their seed: a cell that would mix two configurations is refused with a message
-naming the keys that differ, so a number in a table always means one thing. A record file that cannot be read is
+naming the keys that differ, so a number in a table always means one thing; so is a table whose records of one
+backbone come from two builds of it (another CPU type builds another tiny CLIP). A record file that cannot be read is
 never dropped silently: the report refuses, or (asked to skip) names every skipped file in the table's notes.
 
 Rules the numbers follow (the same as CoOp / CoCoOp / MaPLe tables):
@@ -258,6 +259,22 @@ def _check_cell(records: Sequence[Mapping[str, Any]], label: str) -> None:
         raise ReportError(f"{label} holds two records with the same seed and config; delete the stale one")
 
 
+def _check_builds(records: Sequence[Mapping[str, Any]]) -> None:
+    """One backbone configuration, one build: records whose backbone (attention aside) is configured alike but was
+    built into other weights come from another CPU type or library build (README), and their numbers differ."""
+    builds: dict[str, set[str]] = {}
+    for record in records:
+        built = (record.get("backbone") or {}).get("build_sha1")  # absent in records made before it was stored
+        if built:
+            backbone = {k: v for k, v in (record["config"].get("backbone") or {}).items() if k != "attention"}
+            builds.setdefault(json.dumps(backbone, sort_keys=True, default=str), set()).add(built)
+    for backbone, shas in builds.items():
+        if len(shas) > 1:
+            raise ReportError(f"records of backbone {backbone} come from {len(shas)} builds (weights SHA-1 "
+                              f"{', '.join(sorted(shas))}: other CPU types or library builds, other numbers); "
+                              f"tabulate one machine's records (one results folder per machine)")
+
+
 def order_metrics(names: Sequence[str]) -> list[str]:
     """The one metric order of tables, plots and the run summary, whatever order a record's JSON keeps: headline
     metrics (global, base, novel, …) before their breakdowns (domain/photo, …), the HM pairs first, HM last,
@@ -303,6 +320,7 @@ def build_table(records: Sequence[Mapping[str, Any]], rows: Sequence[str] = ("al
         raise ReportError(f"--selection {selection!r} is unknown; choose one of {SELECTIONS}")
     if spread not in SPREADS:
         raise ReportError(f"--spread {spread!r} is unknown; choose one of {sorted(SPREADS)}")
+    _check_builds(records)
     known = set().union(*(record_fields(r) for r in records))
     for key in (*rows, *columns):
         if key not in known:

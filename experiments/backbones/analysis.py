@@ -4,6 +4,7 @@ docs/backbones.md's choices (oracle rows, ratio selection), and the check of iss
     FLBENCH_CACHE=.cache/flbench python experiments/backbones/analysis.py findings [--backbone tiny]
     FLBENCH_CACHE=.cache/flbench python experiments/backbones/analysis.py validation --backbone tiny-vit --towers vision
     FLBENCH_CACHE=.cache/flbench python experiments/backbones/analysis.py targets synthetic_backbones_tiny
+    FLBENCH_CACHE=.cache/flbench python experiments/backbones/analysis.py recipe --calibration steps=1000 oracle_weight=3.0
 
 `findings`: dense, GQA and routed-KV 3:1:6 with fresh routers and routed *by the oracle itself* (each oracle-rows
 variant), zero-shot 64-way accuracy on val and test, and which tokens of "a photo of a <class>." prompts get full K/V
@@ -11,7 +12,8 @@ under each oracle, per layer. `validation`: the routed variants of the table, tr
 on the validation split only (ratio and calibration selection never look at test). `targets <experiment>`: for
 every row and seed of a backbone table's sweep (the configs the sweep ran, so the same cached calibrations and
 uptrainings), zero-shot on validation; the best 50 % ratio chosen there (training-free and uptrained), then issue 16's
-targets checked on that ratio with the test figures of the sweep's records.
+targets checked on that ratio with the test figures of the sweep's records. `recipe`: a calibration recipe against
+the default, every ratio and seed, training-free and uptrained, the ratio chosen on validation, test read after.
 Accuracy is computed here directly (image features, hand-written template, argmax), independently of the engine.
 """
 
@@ -212,9 +214,44 @@ def targets(experiment: str) -> dict[str, Any]:
                                                             for name, (a, b) in checks.items()}}
 
 
+def recipe(name: str, towers: list[str], calibration: dict[str, Any], uptrain_steps: int = 60,
+           seeds: tuple[int, ...] = (0, 1, 2)) -> dict[str, Any]:
+    """A calibration recipe against the default one, per ratio and seed, training-free and uptrained (the tables'
+    60-step recipe), with dense, GQA and uptrained GQA beside them: val and test zero-shot. The ratio is chosen on
+    validation means; test is only read for the chosen rows."""
+    scenario, template = _data(name)
+
+    def scores(attention: dict | None) -> tuple[float, float]:
+        backbone = _backbone(name, attention)
+        return (zero_shot(backbone, scenario.val["global"], template),
+                zero_shot(backbone, scenario.test["global"], template))
+
+    rows: dict[str, list[tuple[float, float]]] = {"dense": [scores(None)]}
+    for seed in seeds:
+        uptrain = {"steps": uptrain_steps, "seed": seed}
+        rows.setdefault("gqa", []).append(scores({"kind": "gqa", "towers": towers}))
+        rows.setdefault("gqa uptrained", []).append(scores({"kind": "gqa", "towers": towers, "uptrain": uptrain}))
+        for label, ratios in VARIANTS.items():
+            routed = {"kind": "routed_kv", "towers": towers, "ratios": ratios, "routers": "calibrated"}
+            for variant, cal in (("default", {}), ("recipe", calibration)):
+                routed_cal = {**routed, "calibration": {**cal, "seed": seed}}
+                rows.setdefault(f"{label} {variant}", []).append(scores(routed_cal))
+                rows.setdefault(f"{label} {variant} uptrained", []).append(scores({**routed_cal, "uptrain": uptrain}))
+        print(f"seed {seed} done", flush=True)
+    val = {row: float(np.mean([v for v, _ in pairs])) for row, pairs in rows.items()}
+    test = {row: float(np.mean([t for _, t in pairs])) for row, pairs in rows.items()}
+    half = [code for code in VARIANTS if code.replace(":", "") in HALF]
+    chosen = {f"{variant}{up}": max((f"{code} {variant}{up}" for code in half), key=val.get)
+              for variant in ("default", "recipe") for up in ("", " uptrained")}
+    return {"validation means": {row: round(v, 2) for row, v in val.items()},
+            "chosen on validation": chosen,
+            "test means of the chosen rows and the references": {
+                row: round(test[row], 2) for row in ("dense", "gqa", "gqa uptrained", *chosen.values())}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["findings", "validation", "targets"])
+    parser.add_argument("what", choices=["findings", "validation", "targets", "recipe"])
     parser.add_argument("experiment", nargs="?", help="targets: a backbone table's experiment, e.g. "
                         "synthetic_backbones_tiny")
     parser.add_argument("--backbone", default="tiny")
@@ -222,7 +259,7 @@ def main() -> None:
     parser.add_argument("--oracle-rows", nargs="+", default=["pooled", "rollout", "all"])
     parser.add_argument("--ratios", nargs="+", default=list(VARIANTS))
     parser.add_argument("--calibration", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="validation: calibration settings other than the defaults (e.g. steps=300)")
+                        help="validation, recipe: calibration settings other than the defaults (e.g. steps=300)")
     parser.add_argument("--weights", help="a tiny CLIP state dict (e.g. an earlier build) instead of the current one")
     args = parser.parse_args()
     global WEIGHTS
@@ -235,6 +272,8 @@ def main() -> None:
         result = targets(args.experiment)
     elif args.what == "findings":
         result = findings(args.backbone)
+    elif args.what == "recipe":
+        result = recipe(args.backbone, args.towers, calibration)
     else:
         result = validation(args.backbone, args.towers, args.oracle_rows, args.ratios, calibration)
     print(json.dumps(result, indent=1))

@@ -4,7 +4,8 @@ docs/backbones.md's choices (oracle rows, ratio selection), and the check of iss
     FLBENCH_CACHE=.cache/flbench python experiments/backbones/analysis.py findings [--backbone tiny]
     FLBENCH_CACHE=.cache/flbench python experiments/backbones/analysis.py validation --backbone tiny-vit --towers vision
     FLBENCH_CACHE=.cache/flbench python experiments/backbones/analysis.py targets synthetic_backbones_tiny
-    FLBENCH_CACHE=.cache/flbench python experiments/backbones/analysis.py recipe --calibration steps=1000 oracle_weight=3.0
+    FLBENCH_CACHE=.cache/flbench python experiments/backbones/analysis.py recipe \
+        --calibration steps=1000 oracle_weight=3.0
 
 `findings`: dense, GQA and routed-KV 3:1:6 with fresh routers and routed *by the oracle itself* (each oracle-rows
 variant), zero-shot 64-way accuracy on val and test, and which tokens of "a photo of a <class>." prompts get full K/V

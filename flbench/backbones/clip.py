@@ -38,8 +38,8 @@ class FrozenCLIP(nn.Module):
 
     def fingerprint(self) -> str:
         """SHA-1 (12 hex digits) of the frozen weights, routers excluded (they are trained on top of these weights):
-        which backbone a record used (two tiny CLIPs built from the same settings on different CPUs may differ in
-        the last bits), and the key of the routers calibrated for it. Computed once; the weights never change."""
+        which backbone a record used (tiny CLIPs built from the same settings on different CPU types are different
+        models: README), and the key of the routers calibrated for it. Computed once; the weights never change."""
         if "_fingerprint" not in self.__dict__:
             self.__dict__["_fingerprint"] = self._digest()
         return self.__dict__["_fingerprint"]

@@ -19,7 +19,6 @@ shortcuts it is no config key: it changes no number, only where the number comes
 from __future__ import annotations
 
 import hashlib
-import os
 
 import numpy as np
 import torch
@@ -28,14 +27,14 @@ from flbench.algorithms.base import Encoded, PromptMethod
 from flbench.backbones.clip import FrozenCLIP
 from flbench.datasets.base import ImageSet, SubsetImageSet, TensorImageSet
 from flbench.engine import encode_all
-from flbench.io import atomic_write, cache_dir, load_torch_data
+from flbench.io import atomic_write, cache_dir, load_torch_data, switched_on
 
 STORE_ENV = "FLBENCH_FEATURE_STORE"
 VERSION = b"flbench-features-1"
 
 
 def store_enabled() -> bool:
-    return os.environ.get(STORE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+    return switched_on(STORE_ENV)
 
 
 def image_features(method: PromptMethod, images: ImageSet, batch_size: int) -> Encoded:

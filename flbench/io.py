@@ -12,6 +12,12 @@ from typing import Any
 from flbench.errors import ConfigError, DataFileError, StorageError
 
 
+def switched_on(env: str) -> bool:
+    """An on/off environment switch that is on unless set to 0/false/no/off (the exact shortcuts' old-vs-new switches:
+    FLBENCH_TRIM_TEXT, FLBENCH_SHARE_PREFIX, FLBENCH_FEATURE_STORE, FLBENCH_TEXT_MEMO)."""
+    return os.environ.get(env, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 def cache_dir(override: str | os.PathLike | None = None) -> Path:
     """The cache root: explicit override, else $FLBENCH_CACHE, else ~/.cache/flbench."""
     root = override or os.environ.get("FLBENCH_CACHE") or Path.home() / ".cache" / "flbench"

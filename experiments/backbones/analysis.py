@@ -14,7 +14,7 @@ on the validation split only (ratio and calibration selection never look at test
 every row and seed of a backbone table's sweep (the configs the sweep ran, so the same cached calibrations and
 uptrainings), zero-shot on validation; the best 50 % ratio chosen there (training-free and uptrained), then issue 16's
 targets checked on that ratio with the test figures of the sweep's records. `recipe`: a calibration recipe against
-the default, every ratio and seed, training-free and uptrained, the ratio chosen on validation, test read after.
+the default, every ratio and seed, training-free and uptrained, the ratio chosen on validation alone.
 Accuracy is computed here directly (image features, hand-written template, argmax), independently of the engine.
 """
 
@@ -218,8 +218,8 @@ def targets(experiment: str) -> dict[str, Any]:
 def recipe(name: str, towers: list[str], calibration: dict[str, Any], uptrain_steps: int = 60,
            seeds: tuple[int, ...] = (0, 1, 2)) -> dict[str, Any]:
     """A calibration recipe against the default one, per ratio and seed, training-free and uptrained (the tables'
-    60-step recipe), with dense, GQA and uptrained GQA beside them: val and test zero-shot. The ratio is chosen on
-    validation means; test is only read for the chosen rows."""
+    60-step recipe), with dense, GQA and uptrained GQA beside them: val and test zero-shot of every row. The ratio is
+    chosen on validation means alone; the test means are reported only for the chosen rows and the references."""
     scenario, template = _data(name)
 
     def scores(attention: dict | None) -> tuple[float, float]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import os
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -12,6 +11,7 @@ from torch import nn
 
 from flbench.backbones.clip import FrozenCLIP, normalize
 from flbench.errors import ConfigError
+from flbench.io import switched_on
 
 CLASS_POSITIONS = ("end", "middle", "front")
 
@@ -83,8 +83,7 @@ def text_features_memo() -> Iterator[None]:
     memo holds those tensors, so no other tensor can take their memory until the block ends. A context computed
     afresh per call (stacked, generated) is new memory each time: encoded each time, as without the memo. Blocks
     nest (the outer memo serves). `FLBENCH_TEXT_MEMO=0` opens none (old-vs-new benchmarks, debugging)."""
-    enabled = os.environ.get(MEMO_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
-    token = _MEMO.set({}) if enabled and _MEMO.get() is None else None
+    token = _MEMO.set({}) if switched_on(MEMO_ENV) and _MEMO.get() is None else None
     try:
         yield
     finally:

@@ -27,7 +27,6 @@ benchmarks and debugging; neither is a config key, so records and their hashes d
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 
 import torch
@@ -36,6 +35,7 @@ from open_clip.transformer import ResidualAttentionBlock
 from torch import nn
 
 from flbench.backbones.layers import is_causal_mask, sdpa_mask, sequence_lengths
+from flbench.io import switched_on
 
 TRIM_ENV, PREFIX_ENV = "FLBENCH_TRIM_TEXT", "FLBENCH_SHARE_PREFIX"
 _overrides: dict[str, list[bool]] = {TRIM_ENV: [], PREFIX_ENV: []}  # innermost block last; empty = the environment
@@ -53,7 +53,7 @@ def _switched(env: str, enabled: bool) -> Iterator[None]:
 def _enabled(env: str) -> bool:
     if _overrides[env]:
         return _overrides[env][-1]
-    return os.environ.get(env, "1").strip().lower() not in ("0", "false", "no", "off")
+    return switched_on(env)
 
 
 def text_trimming(enabled: bool) -> contextlib.AbstractContextManager[None]:

@@ -2,16 +2,17 @@
 
 Every image is a pure function of its integer seed sequence, so any subset of any split is reproducible without
 generating the rest. Shapes are drawn as polygons at 4× supersampling, then box-downsampled, which is cheap
-(~1 ms/image) and anti-aliased.
+(~1.5 ms/image) and anti-aliased.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw
 
 SUPERSAMPLE = 4
 # Bump when rendering changes: cached images are keyed by it, so stale caches are never reused.
@@ -101,13 +102,32 @@ def _mask(outer: list[Polygon], holes: list[Polygon], size: int) -> Image.Image:
     return mask
 
 
+@functools.lru_cache(maxsize=4)
+def _pixel_grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(row, column) coordinates of a size×size canvas as float32, shared read-only by every image."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    yy.flags.writeable = xx.flags.writeable = False
+    return yy, xx
+
+
+def _extreme_filter(mask: Image.Image, size: int, reduce: np.ufunc) -> np.ndarray:
+    """PIL's MaxFilter(size) (reduce=np.maximum) or MinFilter(size) (np.minimum) of `mask`, edges replicated as PIL
+    does, as float32. A square window's max/min is separable, so two 1-D passes give exactly PIL's values, ~50×
+    faster than its per-pixel rank sort (a third of the rendering time; tests/test_render.py)."""
+    a = np.asarray(mask)
+    r, (h, w) = size // 2, a.shape
+    padded = np.pad(a, r, mode="edge")
+    rows = reduce.reduce([padded[k:k + h] for k in range(size)])
+    return reduce.reduce([rows[:, k:k + w] for k in range(size)]).astype(np.float32)
+
+
 def _jitter(colour: tuple[int, int, int], rng: np.random.Generator, amount: float = 18) -> np.ndarray:
     return np.clip(np.asarray(colour, dtype=np.float32) + rng.normal(0, amount, 3), 0, 255)
 
 
 def _pattern_fill(pattern: str, colour: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
     """A size×size×3 texture: the colour modulated by the pattern (plain = flat)."""
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    yy, xx = _pixel_grid(size)
     period = size / rng.uniform(4.5, 6.0)
     phase = rng.uniform(0, period)
     if pattern == "striped":
@@ -166,9 +186,8 @@ def render(shape: str, colour: tuple[int, int, int], pattern: str, domain: str, 
 
     if domain == "sketch":
         # Outline only: the mask's edge, in the object's colour, on paper.
-        edge = mask.filter(ImageFilter.MaxFilter(2 * (line // 2) + 1))
-        edge = np.asarray(edge, np.float32) - np.asarray(mask.filter(ImageFilter.MinFilter(2 * (line // 2) + 1)),
-                                                         np.float32)
+        window = 2 * (line // 2) + 1
+        edge = _extreme_filter(mask, window, np.maximum) - _extreme_filter(mask, window, np.minimum)
         alpha = np.clip(edge, 0, 255)[..., None] / 255.0
         fill = _pattern_fill(pattern, fill_colour, size, rng) if pattern != "plain" else fill_colour
         # Patterns still need to be visible in a sketch: hatch the inside lightly.
@@ -179,13 +198,13 @@ def render(shape: str, colour: tuple[int, int, int], pattern: str, domain: str, 
     fill = _pattern_fill(pattern, fill_colour, size, rng)
     if domain == "photo":
         # Directional shading makes it look lit, not flat.
-        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+        yy, xx = (grid / size for grid in _pixel_grid(size))
         light_angle = rng.uniform(0, 2 * math.pi)
         shade = 0.75 + 0.45 * ((xx - 0.5) * math.cos(light_angle) + (yy - 0.5) * math.sin(light_angle))
         fill = np.clip(fill * shade[..., None], 0, 255)
     canvas = canvas * (1 - alpha) + fill * alpha
     if domain == "cartoon":
-        outline = np.asarray(mask.filter(ImageFilter.MaxFilter(2 * (line // 2) + 1)), np.float32)
+        outline = _extreme_filter(mask, 2 * (line // 2) + 1, np.maximum)
         outline = np.clip(outline - np.asarray(mask, np.float32), 0, 255)[..., None] / 255.0
         canvas = canvas * (1 - outline)
     noise = {"photo": 6, "cartoon": 2, "noisy": 14}[domain]

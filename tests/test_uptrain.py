@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import flbench.backbones.conversion as conversion
-from flbench.backbones.attention import swap_attention, swapped_modules
+from flbench.backbones.attention import attention_settings, swap_attention, swapped_modules
 from flbench.backbones.conversion import apply_attention, uptrain_cache_path
-from flbench.backbones.uptrain import uptrained_parameters
+from flbench.backbones.uptrain import uptrain, uptrained_parameters
 from flbench.errors import ConfigError, DataFileError
 from helpers import random_tiny
 
@@ -91,6 +91,26 @@ def test_uptrained_parameters_are_the_swapped_projections_and_routers():
     names = set(uptrained_parameters(backbone))
     assert len(names) == len(swapped_modules(backbone.model)) * 4  # in_proj weight, bias, router weight, bias
     assert all(".attn.in_proj_" in n or ".attn.router." in n for n in names)
+
+
+def test_a_study_can_freeze_the_routers_and_choose_the_objective():
+    backbone = random_tiny("tiny")
+    swap_attention(backbone.model, {"kind": "routed_kv", "towers": ["text"]})
+    before = {k: v.clone() for k, v in backbone.model.state_dict().items()}
+    calls = []
+
+    def objective(model, images, tokens, vision_trains):
+        calls.append(vision_trains)
+        return model.encode_text_embeddings(model.token_embeddings(tokens), tokens.argmax(-1)).square().mean()
+
+    settings = attention_settings({"kind": "routed_kv", "uptrain": RECIPE})["uptrain"]
+    report = uptrain(backbone, settings, objective=objective, train_routers=False)
+    after = backbone.model.state_dict()
+    assert len(calls) == RECIPE["steps"] + 2 and not any(calls)  # every step, and the held-out loss before/after
+    assert set(report["before"]) == {"loss"}
+    assert all(torch.equal(after[k], before[k]) for k in after if ".router." in k)
+    assert not torch.equal(after["transformer.resblocks.0.attn.in_proj_weight"],
+                           before["transformer.resblocks.0.attn.in_proj_weight"])
 
 
 def test_dense_cannot_be_uptrained():

@@ -6,6 +6,8 @@ docs/backbones.md's choices (oracle rows, ratio selection), and the check of iss
     FLBENCH_CACHE=.cache/flbench python experiments/backbones/analysis.py targets synthetic_backbones_tiny
     FLBENCH_CACHE=.cache/flbench python experiments/backbones/analysis.py recipe \
         --calibration steps=1000 oracle_weight=3.0
+    FLBENCH_CACHE=.cache/flbench python experiments/backbones/analysis.py uptrain-objectives \
+        --calibration steps=1000 oracle_weight=3.0
 
 `findings`: dense, GQA and routed-KV 3:1:6 with fresh routers and routed *by the oracle itself* (each oracle-rows
 variant), zero-shot 64-way accuracy on val and test, and which tokens of "a photo of a <class>." prompts get full K/V
@@ -15,6 +17,8 @@ every row and seed of a backbone table's sweep (the configs the sweep ran, so th
 uptrainings), zero-shot on validation; the best 50 % ratio chosen there (training-free and uptrained), then issue 16's
 targets checked on that ratio with the test figures of the sweep's records. `recipe`: a calibration recipe against
 the default, every ratio and seed, training-free and uptrained, the ratio chosen on validation alone.
+`uptrain-objectives`: GQA and routed-KV 3:1:6 under equal uptraining with other recipes (routers frozen;
+distillation toward the dense model), validation only.
 Accuracy is computed here directly (image features, hand-written template, argmax), independently of the engine.
 """
 
@@ -250,9 +254,65 @@ def recipe(name: str, towers: list[str], calibration: dict[str, Any], uptrain_st
                 row: round(test[row], 2) for row in ("dense", "gqa", "gqa uptrained", *chosen.values())}}
 
 
+def _distillation_objective(teacher: Any) -> Any:
+    """Uptraining toward the dense model instead of the captions: 100 × the cosine distance of each converted tower's
+    features to the dense model's (the ×100 keeps the routers' aux loss, added in backward, as small beside it as it
+    is beside the contrastive loss)."""
+    from flbench.backbones.clip import normalize
+
+    def text(model: Any, tokens: Any) -> Any:
+        return normalize(model.encode_text_embeddings(model.token_embeddings(tokens), tokens.argmax(-1)))
+
+    def objective(backbone: Any, images: Any, tokens: Any, vision_trains: bool) -> Any:
+        with torch.no_grad():
+            teacher_text = text(teacher, tokens)
+            teacher_image = normalize(teacher.encode_image(images)) if vision_trains else None
+        loss = (1 - (text(backbone, tokens) * teacher_text).sum(-1)).mean()
+        if vision_trains:
+            loss = loss + (1 - (normalize(backbone.encode_image(images)) * teacher_image).sum(-1)).mean()
+        return 100 * loss
+
+    return objective
+
+
+def uptrain_objectives(name: str, towers: list[str], calibration: dict[str, Any], steps: int = 60,
+                       seeds: tuple[int, ...] = (0, 1, 2)) -> dict[str, Any]:
+    """Equal uptraining under other recipes, validation only: GQA and routed-KV 3:1:6 (routers calibrated with
+    `calibration`), each uptrained `steps` steps with the contrastive loss (the tables' recipe), with it but the
+    routers frozen, and by distillation toward the dense model."""
+    import copy
+
+    from flbench.backbones.attention import attention_settings
+    from flbench.backbones.uptrain import uptrain
+
+    scenario, template = _data(name)
+    teacher = _backbone(name, None)
+    recipes = {"contrastive": {}, "contrastive, routers frozen": {"train_routers": False},
+               "distillation": {"objective": _distillation_objective(teacher)}}
+    rows: dict[str, list[float]] = {}
+    for seed in seeds:
+        starts = {"gqa": {"kind": "gqa", "towers": towers},
+                  "routed 3:1:6": {"kind": "routed_kv", "towers": towers, "ratios": VARIANTS["3:1:6"],
+                                   "routers": "calibrated", "calibration": {**calibration, "seed": seed}}}
+        for kind, attention in starts.items():
+            rows.setdefault(f"{kind}, training-free", []).append(
+                zero_shot(_backbone(name, attention), scenario.val["global"], template))
+            settings = attention_settings({**attention, "uptrain": {"steps": steps, "seed": seed}})["uptrain"]
+            for recipe_name, options in recipes.items():
+                if kind == "gqa" and "train_routers" in options:
+                    continue  # GQA has no routers
+                backbone = copy.deepcopy(_backbone(name, attention))  # loaded backbones are shared: train a copy
+                uptrain(backbone, settings, **options)
+                rows.setdefault(f"{kind}, {recipe_name}", []).append(
+                    zero_shot(backbone, scenario.val["global"], template))
+        print(f"seed {seed} done", flush=True)
+    return {"validation zero-shot (mean, per seed)": {row: [round(float(np.mean(v)), 2), [round(x, 2) for x in v]]
+                                                      for row, v in rows.items()}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["findings", "validation", "targets", "recipe"])
+    parser.add_argument("what", choices=["findings", "validation", "targets", "recipe", "uptrain-objectives"])
     parser.add_argument("experiment", nargs="?", help="targets: a backbone table's experiment, e.g. "
                         "synthetic_backbones_tiny")
     parser.add_argument("--backbone", default="tiny")
@@ -275,6 +335,8 @@ def main() -> None:
         result = findings(args.backbone)
     elif args.what == "recipe":
         result = recipe(args.backbone, args.towers, calibration)
+    elif args.what == "uptrain-objectives":
+        result = uptrain_objectives(args.backbone, args.towers, calibration)
     else:
         result = validation(args.backbone, args.towers, args.oracle_rows, args.ratios, calibration)
     print(json.dumps(result, indent=1))

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -35,14 +35,14 @@ UPTRAIN_VERSION = 1  # bump when the procedure changes: cached uptrained weights
 UPTRAIN_CORPUS_SEED = 13  # pretraining used 7, router calibration 11: fresh images of the same distribution
 
 
-def uptrained_parameters(backbone: FrozenCLIP) -> dict[str, torch.nn.Parameter]:
+def uptrained_parameters(backbone: FrozenCLIP, routers: bool = True) -> dict[str, torch.nn.Parameter]:
     """What uptraining changes, by state-dict name: each swapped layer's packed in-projection (only its K/V rows
-    move) and routers."""
+    move) and, unless `routers` is false, its router."""
     names = {id(p): n for n, p in backbone.model.named_parameters()}
     params: dict[str, torch.nn.Parameter] = {}
     for layer in swapped_modules(backbone.model):
-        for p in (layer.in_proj_weight, layer.in_proj_bias,
-                  *(layer.router.parameters() if isinstance(layer, RoutedKVAttention) else ())):
+        routed = routers and isinstance(layer, RoutedKVAttention)
+        for p in (layer.in_proj_weight, layer.in_proj_bias, *(layer.router.parameters() if routed else ())):
             if p is not None:
                 params[names[id(p)]] = p
     return params
@@ -71,12 +71,18 @@ def _contrastive_loss(backbone: FrozenCLIP, images: torch.Tensor, tokens: torch.
     return ClipLoss()(image_features, text_features, backbone.logit_scale.detach())
 
 
-def uptrain(backbone: FrozenCLIP, settings: Mapping[str, Any]) -> dict[str, Any]:
+Objective = Callable[[FrozenCLIP, torch.Tensor, torch.Tensor, bool], torch.Tensor]
+
+
+def uptrain(backbone: FrozenCLIP, settings: Mapping[str, Any], objective: Objective = _contrastive_loss,
+            train_routers: bool = True) -> dict[str, Any]:
     """Uptrain the converted `backbone` in place (settings: backbone.attention.uptrain, checked); return the recipe
-    and the held-out contrastive loss before and after."""
+    and the held-out loss before and after. `objective` (backbone, images, tokens, vision trains) and
+    `train_routers=False` are for studies of other recipes (experiments/backbones/analysis.py uptrain-objectives);
+    the conversion always uses the defaults."""
     from flbench.datasets.synthetic import pretraining_corpus
 
-    params = uptrained_parameters(backbone)
+    params = uptrained_parameters(backbone, routers=train_routers)
     if not params:
         raise RuntimeError("uptraining needs a converted backbone (backbone.attention.kind=gqa or routed_kv)")
     steps, batch = int(settings["steps"]), int(settings["batch_size"])
@@ -90,7 +96,7 @@ def uptrain(backbone: FrozenCLIP, settings: Mapping[str, Any]) -> dict[str, Any]
 
     def held_out_loss() -> float:
         with torch.no_grad():
-            return round(float(_contrastive_loss(backbone, held_images, held_tokens, vision_trains)), 5)
+            return round(float(objective(backbone, held_images, held_tokens, vision_trains)), 5)
 
     before = held_out_loss()
     warmup, lr = max(1, int(settings["warmup"])), float(settings["lr"])
@@ -99,26 +105,26 @@ def uptrain(backbone: FrozenCLIP, settings: Mapping[str, Any]) -> dict[str, Any]
     optimizer = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / max(steps, 1))))
+    label = "contrastive_loss" if objective is _contrastive_loss else "loss"
     t0 = time.perf_counter()
     try:
         for step in range(steps):
             idx = rng.choice(np.arange(len(held), len(images)), size=batch, replace=False)
             x = images[torch.as_tensor(idx)].float().div_(255.0)
-            loss = _contrastive_loss(backbone, x, backbone.tokenize(_captions(meta, idx, rng)), vision_trains)
+            loss = objective(backbone, x, backbone.tokenize(_captions(meta, idx, rng)), vision_trains)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # + the routers' aux loss, injected by each routed layer
             _freeze_query_rows(backbone)
             optimizer.step()
             schedule.step()
             if step % 20 == 0 or step == steps - 1:
-                log.info("uptraining step %d/%d  contrastive loss %.4f  %s", step + 1, steps, float(loss.detach()),
+                log.info("uptraining step %d/%d  %s %.4f  %s", step + 1, steps, label, float(loss.detach()),
                          "  ".join(f"{k} {v:.3f}" for k, v in routing_stats(backbone.model).items()))
     finally:
         for p in params.values():
             p.requires_grad_(False)
             p.grad = None
-    return {"settings": dict(settings), "before": {"contrastive_loss": before},
-            "after": {"contrastive_loss": held_out_loss()}, "steps": steps,
+    return {"settings": dict(settings), "before": {label: before}, "after": {label: held_out_loss()}, "steps": steps,
             "seconds": round(time.perf_counter() - t0, 1)}
 
 

@@ -1,4 +1,5 @@
-"""The renderer's speed-ups draw the same pixels: its separable max/min filter against PIL's rank filters."""
+"""The renderer's speed-ups draw the same pixels: its separable max/min filter against PIL's rank filters, its
+cached pixel grid against a fresh one."""
 
 import itertools
 
@@ -39,5 +40,7 @@ def test_every_shape_domain_and_pattern_renders_as_with_pils_filters(monkeypatch
 
     fast = draw_all()
     monkeypatch.setattr(render_module, "_extreme_filter", _pil_extreme_filter)
+    # and a fresh pixel grid per image, as before it was cached
+    monkeypatch.setattr(render_module, "_pixel_grid", lambda size: tuple(np.mgrid[0:size, 0:size].astype(np.float32)))
     for i, (image, reference) in enumerate(zip(fast, draw_all())):
         np.testing.assert_array_equal(image, reference, err_msg=str(combos[i]))

@@ -257,19 +257,18 @@ def recipe(name: str, towers: list[str], calibration: dict[str, Any], uptrain_st
 def _distillation_objective(teacher: Any) -> Any:
     """Uptraining toward the dense model instead of the captions: 100 × the cosine distance of each converted tower's
     features to the dense model's (the ×100 keeps the routers' aux loss, added in backward, as small beside it as it
-    is beside the contrastive loss)."""
-    from flbench.backbones.clip import normalize
-
-    def text(model: Any, tokens: Any) -> Any:
-        return normalize(model.encode_text_embeddings(model.token_embeddings(tokens), tokens.argmax(-1)))
+    is beside the contrastive loss). The teacher is a separate dense model: calibration's teacher (the converted
+    tower run dense) would move with the K/V weights being uptrained."""
+    from flbench.backbones.calibration import _encode
 
     def objective(backbone: Any, images: Any, tokens: Any, vision_trains: bool) -> Any:
+        shown = images if vision_trains else None
         with torch.no_grad():
-            teacher_text = text(teacher, tokens)
-            teacher_image = normalize(teacher.encode_image(images)) if vision_trains else None
-        loss = (1 - (text(backbone, tokens) * teacher_text).sum(-1)).mean()
+            teacher_image, teacher_text = _encode(teacher, shown, tokens)
+        image, text = _encode(backbone, shown, tokens)
+        loss = (1 - (text * teacher_text).sum(-1)).mean()
         if vision_trains:
-            loss = loss + (1 - (normalize(backbone.encode_image(images)) * teacher_image).sum(-1)).mean()
+            loss = loss + (1 - (image * teacher_image).sum(-1)).mean()
         return 100 * loss
 
     return objective

@@ -18,7 +18,7 @@ uptrainings), zero-shot on validation; the best 50 % ratio chosen there (trainin
 targets checked on that ratio with the test figures of the sweep's records. `recipe`: a calibration recipe against
 the default, every ratio and seed, training-free and uptrained, the ratio chosen on validation alone.
 `uptrain-objectives`: GQA and routed-KV 3:1:6 under equal uptraining with other recipes (routers frozen;
-distillation toward the dense model), validation only.
+distillation toward the dense model), and the dense model under the tables' recipe as the control, validation only.
 Accuracy is computed here directly (image features, hand-written template, argmax), independently of the engine.
 """
 
@@ -278,7 +278,8 @@ def uptrain_objectives(name: str, towers: list[str], calibration: dict[str, Any]
                        seeds: tuple[int, ...] = (0, 1, 2)) -> dict[str, Any]:
     """Equal uptraining under other recipes, validation only: GQA and routed-KV 3:1:6 (routers calibrated with
     `calibration`), each uptrained `steps` steps with the contrastive loss (the tables' recipe), with it but the
-    routers frozen, and by distillation toward the dense model."""
+    routers frozen, and by distillation toward the dense model; and, as the control, the dense model itself (GQA with
+    groups of one head) uptrained with the tables' recipe: what the recipe does to a tower that lost nothing."""
     import copy
 
     from flbench.backbones.attention import attention_settings
@@ -290,7 +291,8 @@ def uptrain_objectives(name: str, towers: list[str], calibration: dict[str, Any]
                "distillation": {"objective": _distillation_objective(teacher)}}
     rows: dict[str, list[float]] = {}
     for seed in seeds:
-        starts = {"gqa": {"kind": "gqa", "towers": towers},
+        starts = {"dense (gqa, group size 1)": {"kind": "gqa", "towers": towers, "group_size": 1},
+                  "gqa": {"kind": "gqa", "towers": towers},
                   "routed 3:1:6": {"kind": "routed_kv", "towers": towers, "ratios": VARIANTS["3:1:6"],
                                    "routers": "calibrated", "calibration": {**calibration, "seed": seed}}}
         for kind, attention in starts.items():
@@ -298,8 +300,10 @@ def uptrain_objectives(name: str, towers: list[str], calibration: dict[str, Any]
                 zero_shot(_backbone(name, attention), scenario.val["global"], template))
             settings = attention_settings({**attention, "uptrain": {"steps": steps, "seed": seed}})["uptrain"]
             for recipe_name, options in recipes.items():
-                if kind == "gqa" and "train_routers" in options:
+                if kind != "routed 3:1:6" and "train_routers" in options:
                     continue  # GQA has no routers
+                if kind.startswith("dense") and recipe_name != "contrastive":
+                    continue  # the control: the tables' recipe applied to the unconverted model
                 backbone = copy.deepcopy(_backbone(name, attention))  # loaded backbones are shared: train a copy
                 uptrain(backbone, settings, **options)
                 rows.setdefault(f"{kind}, {recipe_name}", []).append(

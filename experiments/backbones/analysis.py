@@ -17,8 +17,8 @@ every row and seed of a backbone table's sweep (the configs the sweep ran, so th
 uptrainings), zero-shot on validation; the best 50 % ratio chosen there (training-free and uptrained), then issue 16's
 targets checked on that ratio with the test figures of the sweep's records. `recipe`: a calibration recipe against
 the default, every ratio and seed, training-free and uptrained, the ratio chosen on validation alone.
-`uptrain-objectives`: GQA and routed-KV 3:1:6 under equal uptraining with other recipes (routers frozen;
-distillation toward the dense model), and the dense model under the tables' recipe as the control, validation only.
+`uptrain-objectives`: GQA and routed-KV 3:1:6 under equal uptraining with other recipes (distillation toward the
+dense model; routers frozen), and the dense model under the tables' recipe as the control, validation only.
 Accuracy is computed here directly (image features, hand-written template, argmax), independently of the engine.
 """
 
@@ -277,9 +277,10 @@ def _distillation_objective(teacher: Any) -> Any:
 def uptrain_objectives(name: str, towers: list[str], calibration: dict[str, Any], steps: int = 60,
                        seeds: tuple[int, ...] = (0, 1, 2)) -> dict[str, Any]:
     """Equal uptraining under other recipes, validation only: GQA and routed-KV 3:1:6 (routers calibrated with
-    `calibration`), each uptrained `steps` steps with the contrastive loss (the tables' recipe), with it but the
-    routers frozen, and by distillation toward the dense model; and, as the control, the dense model itself (GQA with
-    groups of one head) uptrained with the tables' recipe: what the recipe does to a tower that lost nothing."""
+    `calibration`), each uptrained `steps` steps with the contrastive loss (the tables' recipe) and by distillation
+    toward the dense model, routed-KV also with its routers frozen under each; and, as the control, the dense model
+    itself (GQA with groups of one head) uptrained with the tables' recipe: what the recipe does to a tower that lost
+    nothing."""
     import copy
 
     from flbench.backbones.attention import attention_settings
@@ -288,7 +289,8 @@ def uptrain_objectives(name: str, towers: list[str], calibration: dict[str, Any]
     scenario, template = _data(name)
     teacher = _backbone(name, None)
     recipes = {"contrastive": {}, "contrastive, routers frozen": {"train_routers": False},
-               "distillation": {"objective": _distillation_objective(teacher)}}
+               "distillation": {"objective": _distillation_objective(teacher)},
+               "distillation, routers frozen": {"objective": _distillation_objective(teacher), "train_routers": False}}
     rows: dict[str, list[float]] = {}
     for seed in seeds:
         starts = {"dense (gqa, group size 1)": {"kind": "gqa", "towers": towers, "group_size": 1},

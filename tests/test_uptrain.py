@@ -113,6 +113,22 @@ def test_a_study_can_freeze_the_routers_and_choose_the_objective():
                            before["transformer.resblocks.0.attn.in_proj_weight"])
 
 
+def test_a_study_can_choose_the_caption_templates():
+    backbone = random_tiny("tiny")
+    swap_attention(backbone.model, {"kind": "gqa", "towers": ["text"]})
+    seen = []
+
+    def objective(model, images, tokens, vision_trains):
+        seen.append(tokens)
+        return model.encode_text_embeddings(model.token_embeddings(tokens), tokens.argmax(-1)).square().mean()
+
+    settings = attention_settings({"kind": "gqa", "uptrain": RECIPE})["uptrain"]
+    uptrain(backbone, settings, objective=objective, captions={d: ("zebra {} zebra",) for d in ("photo", "sketch",
+                                                                                                  "cartoon")})
+    zebra = int(backbone.tokenize(["zebra"])[0, 1])
+    assert all(bool((batch[:, 1] == zebra).all()) for batch in seen)  # every caption, held out and trained on
+
+
 def test_dense_cannot_be_uptrained():
     with pytest.raises(ConfigError, match="uptrain.steps"):
         apply_attention(random_tiny("tiny"), {"attention": {"kind": "dense", "uptrain": {"steps": 5}}})

@@ -8,6 +8,8 @@ docs/backbones.md's choices (oracle rows, ratio selection), and the check of iss
         --calibration steps=1000 oracle_weight=3.0
     FLBENCH_CACHE=.cache/flbench python experiments/backbones/analysis.py uptrain-objectives \
         --calibration steps=1000 oracle_weight=3.0
+    FLBENCH_CACHE=.cache/flbench python experiments/backbones/analysis.py uptrain-lr \
+        --calibration steps=1000 oracle_weight=3.0
 
 `findings`: dense, GQA and routed-KV 3:1:6 with fresh routers and routed *by the oracle itself* (each oracle-rows
 variant), zero-shot 64-way accuracy on val and test, and which tokens of "a photo of a <class>." prompts get full K/V
@@ -18,7 +20,9 @@ uptrainings), zero-shot on validation; the best 50 % ratio chosen there (trainin
 targets checked on that ratio with the test figures of the sweep's records. `recipe`: a calibration recipe against
 the default, every ratio and seed, training-free and uptrained, the ratio chosen on validation alone.
 `uptrain-objectives`: GQA and routed-KV 3:1:6 under equal uptraining with other recipes (distillation toward the
-dense model; routers frozen), and the dense model under the tables' recipe as the control, validation only.
+dense model; routers frozen; captions in the calibration prompts' template), and the dense model under the tables'
+recipe as the control, validation only. `uptrain-lr`: the same two under the tables' contrastive recipe at other
+learning rates (--lrs), validation only.
 Accuracy is computed here directly (image features, hand-written template, argmax), independently of the engine.
 """
 
@@ -274,29 +278,71 @@ def _distillation_objective(teacher: Any) -> Any:
     return objective
 
 
-def uptrain_objectives(name: str, towers: list[str], calibration: dict[str, Any], steps: int = 60,
-                       seeds: tuple[int, ...] = (0, 1, 2)) -> dict[str, Any]:
-    """Equal uptraining under other recipes, validation only: GQA and routed-KV 3:1:6 (routers calibrated with
-    `calibration`), each uptrained `steps` steps with the contrastive loss (the tables' recipe) and by distillation
-    toward the dense model, routed-KV also with its routers frozen under each; and, as the control, the dense model
-    itself (GQA with groups of one head) uptrained with the tables' recipe: what the recipe does to a tower that lost
-    nothing."""
+def _gqa_and_routed(towers: list[str], calibration: dict[str, Any], seed: int) -> dict[str, dict[str, Any]]:
+    """The two conversions the uptraining studies compare: GQA and routed-KV 3:1:6 (routers calibrated)."""
+    return {"gqa": {"kind": "gqa", "towers": towers},
+            "routed 3:1:6": {"kind": "routed_kv", "towers": towers, "ratios": VARIANTS["3:1:6"],
+                             "routers": "calibrated", "calibration": {**calibration, "seed": seed}}}
+
+
+def uptrain_lr(name: str, towers: list[str], calibration: dict[str, Any], lrs: list[float], steps: int = 60,
+               seeds: tuple[int, ...] = (0, 1, 2)) -> dict[str, Any]:
+    """The tables' contrastive recipe at other learning rates, validation only: GQA and routed-KV 3:1:6, each
+    uptrained `steps` steps at every rate in `lrs`; per row the val zero-shot and the held-out contrastive loss after
+    (uptrain's own held-out batch), against each conversion's loss before. Does a smaller step keep routed-KV's
+    training-free score, or does the objective itself lead it away?"""
     import copy
 
     from flbench.backbones.attention import attention_settings
     from flbench.backbones.uptrain import uptrain
 
     scenario, template = _data(name)
+    accuracy: dict[str, list[float]] = {}
+    loss: dict[str, list[float]] = {}
+    for seed in seeds:
+        for kind, attention in _gqa_and_routed(towers, calibration, seed).items():
+            start = _backbone(name, attention)
+            accuracy.setdefault(f"{kind}, training-free", []).append(zero_shot(start, scenario.val["global"], template))
+            for lr in lrs:
+                settings = attention_settings({**attention, "uptrain": {"steps": steps, "seed": seed, "lr": lr}})
+                backbone = copy.deepcopy(start)  # loaded backbones are shared: train a copy
+                report = uptrain(backbone, settings["uptrain"])
+                if lr == lrs[0]:  # the same starting point for every rate
+                    loss.setdefault(f"{kind}, training-free", []).append(report["before"]["contrastive_loss"])
+                loss.setdefault(f"{kind}, lr {lr:g}", []).append(report["after"]["contrastive_loss"])
+                accuracy.setdefault(f"{kind}, lr {lr:g}", []).append(zero_shot(backbone, scenario.val["global"],
+                                                                             template))
+        print(f"seed {seed} done", flush=True)
+    return {row: {"val zero-shot (mean, per seed)": [round(float(np.mean(v)), 2), [round(x, 2) for x in v]],
+                  "held-out contrastive loss (mean)": round(float(np.mean(loss[row])), 4)}
+            for row, v in accuracy.items()}
+
+
+def uptrain_objectives(name: str, towers: list[str], calibration: dict[str, Any], steps: int = 60,
+                       seeds: tuple[int, ...] = (0, 1, 2)) -> dict[str, Any]:
+    """Equal uptraining under other recipes, validation only: GQA and routed-KV 3:1:6 (routers calibrated with
+    `calibration`), each uptrained `steps` steps with the contrastive loss (the tables' recipe), with it on captions
+    in the calibration prompts' template, and by distillation toward the dense model, routed-KV also with its routers
+    frozen under contrastive and distillation; and, as the control, the dense model
+    itself (GQA with groups of one head) uptrained with the tables' recipe: what the recipe does to a tower that lost
+    nothing."""
+    import copy
+
+    from flbench.backbones.attention import attention_settings
+    from flbench.backbones.uptrain import uptrain
+    from flbench.datasets.synthetic import DOMAIN_PHRASE, PRETRAIN_DOMAINS
+
+    scenario, template = _data(name)
     teacher = _backbone(name, None)
+    prompt_captions = {d: (f"a {DOMAIN_PHRASE[d]} of a {{}}.",) for d in PRETRAIN_DOMAINS}  # calibration's prompts
     recipes = {"contrastive": {}, "contrastive, routers frozen": {"train_routers": False},
+               "contrastive, captions in the calibration prompts' template": {"captions": prompt_captions},
                "distillation": {"objective": _distillation_objective(teacher)},
                "distillation, routers frozen": {"objective": _distillation_objective(teacher), "train_routers": False}}
     rows: dict[str, list[float]] = {}
     for seed in seeds:
         starts = {"dense (gqa, group size 1)": {"kind": "gqa", "towers": towers, "group_size": 1},
-                  "gqa": {"kind": "gqa", "towers": towers},
-                  "routed 3:1:6": {"kind": "routed_kv", "towers": towers, "ratios": VARIANTS["3:1:6"],
-                                   "routers": "calibrated", "calibration": {**calibration, "seed": seed}}}
+                  **_gqa_and_routed(towers, calibration, seed)}
         for kind, attention in starts.items():
             rows.setdefault(f"{kind}, training-free", []).append(
                 zero_shot(_backbone(name, attention), scenario.val["global"], template))
@@ -317,7 +363,8 @@ def uptrain_objectives(name: str, towers: list[str], calibration: dict[str, Any]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["findings", "validation", "targets", "recipe", "uptrain-objectives"])
+    parser.add_argument("what", choices=["findings", "validation", "targets", "recipe", "uptrain-objectives",
+                                         "uptrain-lr"])
     parser.add_argument("experiment", nargs="?", help="targets: a backbone table's experiment, e.g. "
                         "synthetic_backbones_tiny")
     parser.add_argument("--backbone", default="tiny")
@@ -326,6 +373,8 @@ def main() -> None:
     parser.add_argument("--ratios", nargs="+", default=list(VARIANTS))
     parser.add_argument("--calibration", nargs="*", default=[], metavar="KEY=VALUE",
                         help="validation, recipe: calibration settings other than the defaults (e.g. steps=300)")
+    parser.add_argument("--lrs", nargs="+", type=float, default=[1e-3, 3e-4, 1e-4, 1e-5],
+                        help="uptrain-lr: the learning rates to try (the tables' recipe uses 1e-3)")
     parser.add_argument("--weights", help="a tiny CLIP state dict (e.g. an earlier build) instead of the current one")
     args = parser.parse_args()
     global WEIGHTS
@@ -342,6 +391,8 @@ def main() -> None:
         result = recipe(args.backbone, args.towers, calibration)
     elif args.what == "uptrain-objectives":
         result = uptrain_objectives(args.backbone, args.towers, calibration)
+    elif args.what == "uptrain-lr":
+        result = uptrain_lr(args.backbone, args.towers, calibration, args.lrs)
     else:
         result = validation(args.backbone, args.towers, args.oracle_rows, args.ratios, calibration)
     print(json.dumps(result, indent=1))

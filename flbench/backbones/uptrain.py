@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -56,10 +56,9 @@ def _freeze_query_rows(backbone: FrozenCLIP) -> None:
                 p.grad[: layer.embed_dim].zero_()
 
 
-def _captions(meta: list[tuple[str, str]], indices: np.ndarray, rng: np.random.Generator) -> list[str]:
-    from flbench.datasets.synthetic import CAPTIONS
-
-    return [CAPTIONS[domain][rng.integers(len(CAPTIONS[domain]))].format(classname)
+def _captions(meta: list[tuple[str, str]], indices: np.ndarray, rng: np.random.Generator,
+              templates: Mapping[str, Sequence[str]]) -> list[str]:
+    return [templates[domain][rng.integers(len(templates[domain]))].format(classname)
             for classname, domain in (meta[i] for i in indices)]
 
 
@@ -75,12 +74,14 @@ Objective = Callable[[FrozenCLIP, torch.Tensor, torch.Tensor, bool], torch.Tenso
 
 
 def uptrain(backbone: FrozenCLIP, settings: Mapping[str, Any], objective: Objective = _contrastive_loss,
-            train_routers: bool = True) -> dict[str, Any]:
+            train_routers: bool = True, captions: Mapping[str, Sequence[str]] | None = None) -> dict[str, Any]:
     """Uptrain the converted `backbone` in place (settings: backbone.attention.uptrain, checked); return the recipe
-    and the held-out loss before and after. `objective` (backbone, images, tokens, vision trains) and
-    `train_routers=False` are for studies of other recipes (experiments/backbones/analysis.py uptrain-objectives);
-    the conversion always uses the defaults."""
-    from flbench.datasets.synthetic import pretraining_corpus
+    and the held-out loss before and after. `objective` (backbone, images, tokens, vision trains), `train_routers=
+    False` and `captions` (caption templates by domain instead of the pretraining ones) are for studies of other
+    recipes (experiments/backbones/analysis.py); the conversion always uses the defaults."""
+    from flbench.datasets.synthetic import CAPTIONS, pretraining_corpus
+
+    templates = CAPTIONS if captions is None else captions
 
     params = uptrained_parameters(backbone, routers=train_routers)
     if not params:
@@ -91,7 +92,7 @@ def uptrain(backbone: FrozenCLIP, settings: Mapping[str, Any], objective: Object
     rng = np.random.default_rng(int(settings["seed"]))
     held = np.arange(min(batch, len(images)))  # the first batch is held out for the before/after loss
     held_images = images[torch.as_tensor(held)].float().div(255.0)
-    held_tokens = backbone.tokenize(_captions(meta, held, np.random.default_rng(0)))
+    held_tokens = backbone.tokenize(_captions(meta, held, np.random.default_rng(0), templates))
     vision_trains = any(layer.tower == "vision" for layer in swapped_modules(backbone.model))
 
     def held_out_loss() -> float:
@@ -111,7 +112,7 @@ def uptrain(backbone: FrozenCLIP, settings: Mapping[str, Any], objective: Object
         for step in range(steps):
             idx = rng.choice(np.arange(len(held), len(images)), size=batch, replace=False)
             x = images[torch.as_tensor(idx)].float().div_(255.0)
-            loss = objective(backbone, x, backbone.tokenize(_captions(meta, idx, rng)), vision_trains)
+            loss = objective(backbone, x, backbone.tokenize(_captions(meta, idx, rng, templates)), vision_trains)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # + the routers' aux loss, injected by each routed layer
             _freeze_query_rows(backbone)

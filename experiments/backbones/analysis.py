@@ -330,11 +330,11 @@ def uptrain_objectives(name: str, towers: list[str], calibration: dict[str, Any]
 
     from flbench.backbones.attention import attention_settings
     from flbench.backbones.uptrain import uptrain
-    from flbench.datasets.synthetic import DOMAIN_PHRASE, PRETRAIN_DOMAINS
+    from flbench.datasets.synthetic import PRETRAIN_DOMAINS, domain_template
 
     scenario, template = _data(name)
     teacher = _backbone(name, None)
-    prompt_captions = {d: (f"a {DOMAIN_PHRASE[d]} of a {{}}.",) for d in PRETRAIN_DOMAINS}  # calibration's prompts
+    prompt_captions = {d: (domain_template(d),) for d in PRETRAIN_DOMAINS}  # calibration's prompts
     recipes = {"contrastive": {}, "contrastive, routers frozen": {"train_routers": False},
                "contrastive, captions in the calibration prompts' template": {"captions": prompt_captions},
                "distillation": {"objective": _distillation_objective(teacher)},

@@ -44,9 +44,9 @@ CALIBRATION_VERSION = 2  # 2: oracle weighted by output-relevant rows; aux loss 
 
 
 def calibration_prompts() -> list[str]:
-    from flbench.datasets.synthetic import DOMAIN_PHRASE, FAMILIES
+    from flbench.datasets.synthetic import DOMAIN_PHRASE, FAMILIES, domain_template
 
-    templates = [f"a {phrase} of a {{}}." for phrase in DOMAIN_PHRASE.values()]
+    templates = [domain_template(domain) for domain in DOMAIN_PHRASE]
     return [t.format(name) for fam in FAMILIES.values() for name in fam.classnames for t in templates]
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import open_clip
@@ -62,12 +63,14 @@ class _Tokens:
         return torch.stack([self.rows[c] for c in captions])
 
 
-def _captions(meta: list[tuple[str, str]], indices: np.ndarray, rng: np.random.Generator) -> list[str]:
+def sample_captions(meta: list[tuple[str, str]], indices: np.ndarray, rng: np.random.Generator,
+                    templates: Mapping[str, Sequence[str]] = CAPTIONS) -> list[str]:
+    """A caption for each corpus image in `indices`: one of its domain's templates, drawn by `rng`, with its class."""
     captions = []
     for i in indices:
         classname, domain = meta[i]
-        templates = CAPTIONS[domain]
-        captions.append(templates[rng.integers(len(templates))].format(classname))
+        choices = templates[domain]
+        captions.append(choices[rng.integers(len(choices))].format(classname))
     return captions
 
 
@@ -102,7 +105,7 @@ def _pretrain(model: open_clip.CLIP, steps: int, batch_size: int, lr: float, wei
         batch = images[torch.as_tensor(idx)].float().div_(255.0)
         flip = torch.as_tensor(rng.random(batch_size) < 0.5)
         batch[flip] = batch[flip].flip(-1)
-        text = tokens(_captions(meta, idx, rng))
+        text = tokens(sample_captions(meta, idx, rng))
         image_features = F.normalize(model.encode_image((batch - mean) / std), dim=-1)
         text_features = F.normalize(encode_tokens(model, text), dim=-1)  # open_clip's forward, text trimmed
         loss = loss_fn(image_features, text_features, model.logit_scale.exp())

@@ -56,12 +56,6 @@ def _freeze_query_rows(backbone: FrozenCLIP) -> None:
                 p.grad[: layer.embed_dim].zero_()
 
 
-def _captions(meta: list[tuple[str, str]], indices: np.ndarray, rng: np.random.Generator,
-              templates: Mapping[str, Sequence[str]]) -> list[str]:
-    return [templates[domain][rng.integers(len(templates[domain]))].format(classname)
-            for classname, domain in (meta[i] for i in indices)]
-
-
 def _contrastive_loss(backbone: FrozenCLIP, images: torch.Tensor, tokens: torch.Tensor, vision_trains: bool
                       ) -> torch.Tensor:
     with torch.set_grad_enabled(vision_trains and torch.is_grad_enabled()):
@@ -79,6 +73,7 @@ def uptrain(backbone: FrozenCLIP, settings: Mapping[str, Any], objective: Object
     and the held-out loss before and after. `objective` (backbone, images, tokens, vision trains), `train_routers=
     False` and `captions` (caption templates by domain instead of the pretraining ones) are for studies of other
     recipes (experiments/backbones/analysis.py); the conversion always uses the defaults."""
+    from flbench.backbones.pretrain import sample_captions
     from flbench.datasets.synthetic import CAPTIONS, pretraining_corpus
 
     templates = CAPTIONS if captions is None else captions
@@ -92,7 +87,7 @@ def uptrain(backbone: FrozenCLIP, settings: Mapping[str, Any], objective: Object
     rng = np.random.default_rng(int(settings["seed"]))
     held = np.arange(min(batch, len(images)))  # the first batch is held out for the before/after loss
     held_images = images[torch.as_tensor(held)].float().div(255.0)
-    held_tokens = backbone.tokenize(_captions(meta, held, np.random.default_rng(0), templates))
+    held_tokens = backbone.tokenize(sample_captions(meta, held, np.random.default_rng(0), templates))
     vision_trains = any(layer.tower == "vision" for layer in swapped_modules(backbone.model))
 
     def held_out_loss() -> float:
@@ -112,7 +107,7 @@ def uptrain(backbone: FrozenCLIP, settings: Mapping[str, Any], objective: Object
         for step in range(steps):
             idx = rng.choice(np.arange(len(held), len(images)), size=batch, replace=False)
             x = images[torch.as_tensor(idx)].float().div_(255.0)
-            loss = objective(backbone, x, backbone.tokenize(_captions(meta, idx, rng, templates)), vision_trains)
+            loss = objective(backbone, x, backbone.tokenize(sample_captions(meta, idx, rng, templates)), vision_trains)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # + the routers' aux loss, injected by each routed layer
             _freeze_query_rows(backbone)

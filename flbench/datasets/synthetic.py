@@ -34,6 +34,11 @@ SPLITS = {"train": 1, "val": 2, "test": 3, "pretrain": 4}
 DOMAIN_PHRASE = {"photo": "photo", "sketch": "sketch", "cartoon": "cartoon", "noisy": "noisy photo"}
 
 
+def domain_template(domain: str) -> str:
+    """The suite's prompt template for one domain: "a <domain phrase> of a {}."."""
+    return f"a {DOMAIN_PHRASE[domain]} of a {{}}."
+
+
 @dataclass(frozen=True)
 class Family:
     """A dataset family: every attribute × object combination is a class."""
@@ -171,7 +176,7 @@ def load_synthetic(family: str = "shapes", domains: tuple[str, ...] | list[str] 
     for split, per_class in (("train", train_per_class), ("val", val_per_class), ("test", test_per_class)):
         images, labels, doms = render_split(fam, domains, split, per_class, seed, image_size, workers=workers)
         splits[split] = TensorImageSet(images, labels, doms)
-    templates = [f"a {DOMAIN_PHRASE[d]} of a {{}}." for d in domains]
+    templates = [domain_template(d) for d in domains]
     return DatasetBundle(name=f"synthetic-{family}", classnames=fam.classnames, domain_names=list(domains),
                          templates=["a photo of a {}."] + [t for t in templates if t != "a photo of a {}."],
                          **splits)

@@ -11,9 +11,10 @@ import torch.nn.functional as F
 import flbench.backbones.conversion as conversion
 from flbench.backbones.attention import attention_settings, router_parameters, swap_attention
 from flbench.backbones.build import load_backbone
-from flbench.backbones.calibration import calibrate, oracle_targets, set_rollout_relevance
+from flbench.backbones.calibration import calibrate, calibration_prompts, oracle_targets, set_rollout_relevance
 from flbench.backbones.conversion import apply_attention
 from flbench.backbones.routed_kv import routed_layers
+from flbench.datasets.synthetic import CAPTIONS, DOMAIN_PHRASE, FAMILIES
 from flbench.errors import ConfigError, DataFileError
 from helpers import random_tiny
 
@@ -114,9 +115,12 @@ def test_routers_are_cached_per_layout_and_loaded_by_a_run(tmp_path, monkeypatch
     again = conversion.calibrated_routers(fresh, cfg)
     assert all(torch.equal(again[k], cached[k]) for k in cached)
     # Another budget, another oracle: other cache entries.
-    for change in ({"ratios": [1, 1, 8]}, {"calibration": {**SMALL, "oracle_rows": "all"}}):
+    for change in ({"ratios": [1, 1, 8]}, {"calibration": {**SMALL, "oracle_rows": "all"}},
+                   {"calibration": {**SMALL, "prompts": "template+captions"}}):
         other = {**cfg, "attention": {**cfg["attention"], **change}}
         assert conversion.router_cache_path(fresh, other) != conversion.router_cache_path(fresh, cfg)
+    # `prompts` came after these caches: its default, the prompts calibration always used, keeps their keys.
+    assert "prompts" not in conversion._calibration_key(attention_settings(cfg["attention"])["calibration"])
 
     # A corrupt cache file: one line naming it and what to do, never a silent recalibration.
     files[0].write_bytes(b"not a torch file")
@@ -133,3 +137,22 @@ def test_nested_attention_settings_refuse_unknown_keys(nested):
         attention_settings({"kind": "routed_kv", nested: {"steps": "many"}})
     with pytest.raises(ConfigError, match="oracle_rows"):
         attention_settings({"kind": "routed_kv", "calibration": {"oracle_rows": "eot"}})
+    with pytest.raises(ConfigError, match=r"calibration.prompts='captions' must be one of \['template', "):
+        attention_settings({"kind": "routed_kv", "calibration": {"prompts": "captions"}})
+
+
+def test_calibration_prompts_can_add_the_corpus_captions():
+    names = [name for family in FAMILIES.values() for name in family.classnames]
+    suite = {f"a {phrase} of a {name}." for phrase in DOMAIN_PHRASE.values() for name in names}
+    corpus = {template.format(name) for templates in CAPTIONS.values() for template in templates for name in names}
+    assert set(calibration_prompts()) == suite and len(calibration_prompts()) == len(suite)
+    both = calibration_prompts("template+captions")
+    assert set(both) == suite | corpus and len(both) == len(set(both))  # each distinct prompt once
+    assert "a shaded blue star." in both and "blue star" in both
+    # calibrate reads them: its held-out batch (the first prompts) differs, and so does the loss on it.
+    backbone = random_tiny("tiny")
+    apply_attention(backbone, {"attention": {"kind": "routed_kv"}})
+    before = {prompts: calibrate(backbone, attention_settings({"kind": "routed_kv", "calibration": {
+        **SMALL, "steps": 0, "prompts": prompts}})["calibration"])["before"]["distillation_loss"]
+              for prompts in ("template", "template+captions")}
+    assert before["template"] != before["template+captions"]

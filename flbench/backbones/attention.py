@@ -39,8 +39,12 @@ KINDS = ("dense", "gqa", "routed_kv")
 # Router calibration (routers=calibrated, backbones/calibration.py). oracle_rows: which query rows weigh a token's
 # K/V pooling error in the oracle routing — "pooled" (the row the tower pools: end-of-text / CLS), "rollout" (rows
 # by their attention-rollout relevance to the pooled row), "all" (every row: the first version; favours sinks).
+# prompts: which text the routers see — "template" (the suite's "a <domain> of a <class>." prompts) or
+# "template+captions" (those and the pretraining corpus's caption templates: routers that do not depend on one
+# template; calibration.calibration_prompts).
+CALIBRATION_PROMPTS = ("template", "template+captions")
 CALIBRATION_DEFAULTS: dict[str, Any] = dict(steps=150, batch_size=64, lr=3e-3, images=4096, seed=0,
-                                            oracle_weight=1.0, oracle_rows="pooled")
+                                            oracle_weight=1.0, oracle_rows="pooled", prompts="template")
 # Uptraining (backbones/uptrain.py): continued contrastive training of the converted towers' K/V projections (and
 # routers) on the synthetic pretraining corpus; steps=0 is training-free. The same recipe for gqa and routed_kv.
 UPTRAIN_DEFAULTS: dict[str, Any] = dict(steps=0, batch_size=128, lr=1e-3, warmup=5, images=8192, seed=0)
@@ -72,6 +76,9 @@ def _nested(cfg: Mapping[str, Any], name: str, defaults: Mapping[str, Any]) -> d
     if name == "calibration" and settings["oracle_rows"] not in ORACLE_ROWS:
         raise ConfigError(f"backbone.attention.calibration.oracle_rows={settings['oracle_rows']!r} must be one of "
                           f"{list(ORACLE_ROWS)}")
+    if name == "calibration" and settings["prompts"] not in CALIBRATION_PROMPTS:
+        raise ConfigError(f"backbone.attention.calibration.prompts={settings['prompts']!r} must be one of "
+                          f"{list(CALIBRATION_PROMPTS)}")
     return settings
 
 
@@ -220,7 +227,7 @@ def reset_kv_measurement(model: nn.Module) -> None:
         module.reset_measurement()
 
 
-__all__ = ["CALIBRATION_DEFAULTS", "DEFAULTS", "KINDS", "UPTRAIN_DEFAULTS", "GroupedKVAttention", "RouterBank",
+__all__ = ["CALIBRATION_DEFAULTS", "CALIBRATION_PROMPTS", "DEFAULTS", "KINDS", "UPTRAIN_DEFAULTS", "GroupedKVAttention", "RouterBank",
            "SharedWeightAttention", "attach_routers", "attention_costs", "attention_settings", "current_text_lengths",
            "dense_attention", "is_causal_mask", "pooled_projection", "reset_kv_measurement", "restore_attention",
            "router_parameters", "seed_routers", "sequence_lengths", "swap_attention", "swapped_modules",

@@ -6,7 +6,9 @@ client sees the model. The teacher is the same model with every swapped layer co
 attention (`dense_attention`), so no second copy is held.
 
 Data (no labels): unlabeled images from the synthetic pretraining split (never a benchmark image) and class-name
-prompts ("a <domain> of a <class name>.") of both synthetic families. Loss per step:
+prompts ("a <domain> of a <class name>.") of both synthetic families — with `prompts: template+captions`, also the
+class names in the pretraining corpus's caption templates ("a shaded <class>.", "<class>", …), so that the routers
+do not learn one template's positions. Loss per step:
 
     (1 - cos(student, teacher)) on image features and on text features
   + KL(teacher || student) of the image-to-prompt similarity logits (CLIP's own logit scale)
@@ -43,10 +45,14 @@ log = logging.getLogger(__name__)
 CALIBRATION_VERSION = 2  # 2: oracle weighted by output-relevant rows; aux loss α/N·Σ_l. Bump when the objective changes
 
 
-def calibration_prompts() -> list[str]:
-    from flbench.datasets.synthetic import DOMAIN_PHRASE, FAMILIES, domain_template
+def calibration_prompts(prompts: str = "template") -> list[str]:
+    """Every class name of both synthetic families in the suite's template of every domain; with
+    "template+captions", also in each caption template of the pretraining corpus (each distinct prompt once)."""
+    from flbench.datasets.synthetic import CAPTIONS, DOMAIN_PHRASE, FAMILIES, domain_template
 
     templates = [domain_template(domain) for domain in DOMAIN_PHRASE]
+    if prompts == "template+captions":
+        templates = list(dict.fromkeys(templates + [t for domain in CAPTIONS.values() for t in domain]))
     return [t.format(name) for fam in FAMILIES.values() for name in fam.classnames for t in templates]
 
 
@@ -166,7 +172,7 @@ def calibrate(backbone: FrozenCLIP, settings: Mapping[str, Any]) -> dict[str, An
     if any(m.tower == "vision" for m in routed_layers(backbone.model)):
         # Unlabeled: the pretraining split's images only (not one benchmark image), a different corpus seed.
         images, _ = pretraining_corpus(int(settings["images"]), suite_seed=11, image_size=backbone.image_size)
-    tokens = backbone.tokenize(calibration_prompts())
+    tokens = backbone.tokenize(calibration_prompts(str(settings["prompts"])))
     batch, rows = int(settings["batch_size"]), str(settings["oracle_rows"])
 
     def draw(held_out: bool) -> tuple[torch.Tensor | None, torch.Tensor]:

@@ -58,10 +58,20 @@ def _cache_path(backbone: FrozenCLIP, backbone_cfg: Mapping[str, Any], folder: s
     return cache_dir(backbone_cfg.get("cache")) / folder / f"{name}-{backbone.fingerprint()}-{key}.pt"
 
 
+# Calibration settings added after CALIBRATION_VERSION 2, with the value that reproduces version 2: they enter the
+# caches' keys only when set to something else, so the routers (and uptrainings) cached before stay valid.
+_CALIBRATION_KEYS_SINCE_V2 = {"prompts": "template"}
+
+
+def _calibration_key(settings: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in settings.items() if _CALIBRATION_KEYS_SINCE_V2.get(k, object()) != v}
+
+
 def router_cache_path(backbone: FrozenCLIP, backbone_cfg: Mapping[str, Any]) -> Path:
     """Where the calibrated routers of this backbone (weights fingerprint) and layout are cached."""
     s = attention_settings(backbone_cfg.get("attention"))
-    return _cache_path(backbone, backbone_cfg, "routers", {"layout": _layout(s), "calibration": s["calibration"],
+    return _cache_path(backbone, backbone_cfg, "routers", {"layout": _layout(s),
+                                                           "calibration": _calibration_key(s["calibration"]),
                                                            "version": CALIBRATION_VERSION})
 
 
@@ -70,8 +80,8 @@ def uptrain_cache_path(backbone: FrozenCLIP, backbone_cfg: Mapping[str, Any]) ->
     s = attention_settings(backbone_cfg.get("attention"))
     start = {}
     if s["kind"] == "routed_kv":
-        start = {"routers": s["routers"], **({"calibration": s["calibration"], "calibration_version":
-                                             CALIBRATION_VERSION} if s["routers"] == "calibrated" else {})}
+        calibrated = {"calibration": _calibration_key(s["calibration"]), "calibration_version": CALIBRATION_VERSION}
+        start = {"routers": s["routers"], **(calibrated if s["routers"] == "calibrated" else {})}
     return _cache_path(backbone, backbone_cfg, "uptrained", {"layout": _layout(s), "start": start,
                                                              "uptrain": s["uptrain"], "version": UPTRAIN_VERSION})
 

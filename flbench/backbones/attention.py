@@ -227,8 +227,8 @@ def reset_kv_measurement(model: nn.Module) -> None:
         module.reset_measurement()
 
 
-__all__ = ["CALIBRATION_DEFAULTS", "CALIBRATION_PROMPTS", "DEFAULTS", "KINDS", "UPTRAIN_DEFAULTS", "GroupedKVAttention", "RouterBank",
-           "SharedWeightAttention", "attach_routers", "attention_costs", "attention_settings", "current_text_lengths",
-           "dense_attention", "is_causal_mask", "pooled_projection", "reset_kv_measurement", "restore_attention",
-           "router_parameters", "seed_routers", "sequence_lengths", "swap_attention", "swapped_modules",
-           "transformer_blocks"]
+__all__ = ["CALIBRATION_DEFAULTS", "CALIBRATION_PROMPTS", "DEFAULTS", "KINDS", "UPTRAIN_DEFAULTS",
+           "GroupedKVAttention", "RouterBank", "SharedWeightAttention", "attach_routers", "attention_costs",
+           "attention_settings", "current_text_lengths", "dense_attention", "is_causal_mask", "pooled_projection",
+           "reset_kv_measurement", "restore_attention", "router_parameters", "seed_routers", "sequence_lengths",
+           "swap_attention", "swapped_modules", "transformer_blocks"]

@@ -119,8 +119,19 @@ def test_routers_are_cached_per_layout_and_loaded_by_a_run(tmp_path, monkeypatch
                    {"calibration": {**SMALL, "prompts": "template+captions"}}):
         other = {**cfg, "attention": {**cfg["attention"], **change}}
         assert conversion.router_cache_path(fresh, other) != conversion.router_cache_path(fresh, cfg)
-    # `prompts` came after these caches: its default, the prompts calibration always used, keeps their keys.
-    assert "prompts" not in conversion._calibration_key(attention_settings(cfg["attention"])["calibration"])
+    # `prompts` came after these caches: at its default (the prompts calibration always used) a config hashes to the
+    # files it did before the key existed, for the routers and for uptrainings that start from them.
+    uptrained = {**cfg, "attention": {**cfg["attention"], "uptrain": {"steps": 5}}}
+    now = [conversion.router_cache_path(fresh, cfg), conversion.uptrain_cache_path(fresh, uptrained)]
+
+    def settings_before_the_key(attention):
+        settings = attention_settings(attention)
+        settings["calibration"].pop("prompts")
+        return settings
+
+    monkeypatch.setattr(conversion, "attention_settings", settings_before_the_key)
+    assert [conversion.router_cache_path(fresh, cfg), conversion.uptrain_cache_path(fresh, uptrained)] == now
+    monkeypatch.setattr(conversion, "attention_settings", attention_settings)
 
     # A corrupt cache file: one line naming it and what to do, never a silent recalibration.
     files[0].write_bytes(b"not a torch file")

@@ -64,7 +64,8 @@ _CALIBRATION_KEYS_SINCE_V2 = {"prompts": "template"}
 
 
 def _calibration_key(settings: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in settings.items() if _CALIBRATION_KEYS_SINCE_V2.get(k, object()) != v}
+    return {k: v for k, v in settings.items() if not (k in _CALIBRATION_KEYS_SINCE_V2
+                                                        and _CALIBRATION_KEYS_SINCE_V2[k] == v)}
 
 
 def router_cache_path(backbone: FrozenCLIP, backbone_cfg: Mapping[str, Any]) -> Path:

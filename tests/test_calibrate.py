@@ -129,9 +129,9 @@ def test_routers_are_cached_per_layout_and_loaded_by_a_run(tmp_path, monkeypatch
         settings["calibration"].pop("prompts")
         return settings
 
-    monkeypatch.setattr(conversion, "attention_settings", settings_before_the_key)
-    assert [conversion.router_cache_path(fresh, cfg), conversion.uptrain_cache_path(fresh, uptrained)] == now
-    monkeypatch.setattr(conversion, "attention_settings", attention_settings)
+    with monkeypatch.context() as patch:
+        patch.setattr(conversion, "attention_settings", settings_before_the_key)
+        assert [conversion.router_cache_path(fresh, cfg), conversion.uptrain_cache_path(fresh, uptrained)] == now
 
     # A corrupt cache file: one line naming it and what to do, never a silent recalibration.
     files[0].write_bytes(b"not a torch file")

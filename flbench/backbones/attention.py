@@ -56,6 +56,7 @@ DEFAULTS: dict[str, Any] = dict(kind="dense", name=None, towers=list(TOWERS), gr
                                 uptrain=UPTRAIN_DEFAULTS)
 _NUMBERS = {"steps": int, "batch_size": int, "images": int, "seed": int, "warmup": int, "lr": float,
             "oracle_weight": float}
+_CHOICES = {"oracle_rows": ORACLE_ROWS, "prompts": CALIBRATION_PROMPTS}
 
 
 def _nested(cfg: Mapping[str, Any], name: str, defaults: Mapping[str, Any]) -> dict[str, Any]:
@@ -73,12 +74,9 @@ def _nested(cfg: Mapping[str, Any], name: str, defaults: Mapping[str, Any]) -> d
             if value < 0 or (key in ("batch_size", "images", "lr") and value == 0):
                 raise ConfigError(f"backbone.attention.{name}.{key}={value!r} must be positive")
             settings[key] = kind(value)
-    if name == "calibration" and settings["oracle_rows"] not in ORACLE_ROWS:
-        raise ConfigError(f"backbone.attention.calibration.oracle_rows={settings['oracle_rows']!r} must be one of "
-                          f"{list(ORACLE_ROWS)}")
-    if name == "calibration" and settings["prompts"] not in CALIBRATION_PROMPTS:
-        raise ConfigError(f"backbone.attention.calibration.prompts={settings['prompts']!r} must be one of "
-                          f"{list(CALIBRATION_PROMPTS)}")
+    for key, choices in _CHOICES.items():
+        if key in settings and settings[key] not in choices:
+            raise ConfigError(f"backbone.attention.{name}.{key}={settings[key]!r} must be one of {list(choices)}")
     return settings
 
 

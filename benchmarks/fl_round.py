@@ -21,8 +21,9 @@ FLBENCH_TRIM_TEXT=0:
 
 - `trim`: seconds per round trimmed and untrimmed, cached and uncached; the speed-ups; the cache speed-up with
   trimming; whether the metrics are identical (accuracies exactly, losses to 1e-5). `--switch prefix` compares
-  shared prompt prefixes on and off instead (FLBENCH_SHARE_PREFIX, both trimmed), `--switch text` both shortcuts
-  against neither; `experiment` takes the same switch, and `--switch store` (the feature store on and off) or
+  shared prompt prefixes on and off instead (FLBENCH_SHARE_PREFIX, both trimmed), `--switch pack` packed rows and the
+  pooled last block on and off (FLBENCH_PACK_TEXT, both trimmed and sharing), `--switch text` all three shortcuts
+  against none; `experiment` takes the same switch, and `--switch store` (the feature store on and off) or
   `--switch memo` (the evaluation memo of class features on and off), `--switch all` (everything on against
   everything off);
 - `experiment`: the default experiment (`python -m flbench`) under /usr/bin/time -v, warm (the caches given) and
@@ -181,11 +182,13 @@ def bench_memory(base: list[str], args: argparse.Namespace) -> dict[str, Any]:
 
 # --- text-length trimming, old vs new (issue 17) --------------------------------------------------------------------
 TRIM = {"trimmed": {"FLBENCH_TRIM_TEXT": "1"}, "untrimmed": {"FLBENCH_TRIM_TEXT": "0"}}
-# Shared prompt prefixes (flbench/backbones/text.py: encode_shared_prefix), both variants trimmed; and both text
-# shortcuts together against neither (the text side before issue 17).
+# Shared prompt prefixes (flbench/backbones/text.py: encode_shared_prefix), both variants trimmed.
 PREFIX = {"shared": {"FLBENCH_SHARE_PREFIX": "1"}, "unshared": {"FLBENCH_SHARE_PREFIX": "0"}}
-TEXT = {"shortcuts": {"FLBENCH_TRIM_TEXT": "1", "FLBENCH_SHARE_PREFIX": "1"},
-        "full": {"FLBENCH_TRIM_TEXT": "0", "FLBENCH_SHARE_PREFIX": "0"}}
+# Packed row tokens and a pooled last block inside the shared-prefix pass, both variants trimmed and sharing; and
+# all the text shortcuts together against none (the text side before issue 17).
+PACK = {"packed": {"FLBENCH_PACK_TEXT": "1"}, "padded": {"FLBENCH_PACK_TEXT": "0"}}
+TEXT = {"shortcuts": {"FLBENCH_TRIM_TEXT": "1", "FLBENCH_SHARE_PREFIX": "1", "FLBENCH_PACK_TEXT": "1"},
+        "full": {"FLBENCH_TRIM_TEXT": "0", "FLBENCH_SHARE_PREFIX": "0", "FLBENCH_PACK_TEXT": "0"}}
 # The feature store (flbench/features.py): a process reads the frozen image features earlier runs stored, or
 # encodes them; and everything of issue 17 together against none of it.
 STORE = {"stored": {"FLBENCH_FEATURE_STORE": "1"}, "encoded": {"FLBENCH_FEATURE_STORE": "0"}}
@@ -194,7 +197,7 @@ STORE = {"stored": {"FLBENCH_FEATURE_STORE": "1"}, "encoded": {"FLBENCH_FEATURE_
 MEMO = {"memo": {"FLBENCH_TEXT_MEMO": "1"}, "no memo": {"FLBENCH_TEXT_MEMO": "0"}}
 ALL = {"all": {**TEXT["shortcuts"], **STORE["stored"], **MEMO["memo"]},
        "none": {**TEXT["full"], **STORE["encoded"], **MEMO["no memo"]}}
-SWITCHES = {"trim": TRIM, "prefix": PREFIX, "text": TEXT, "store": STORE, "memo": MEMO, "all": ALL}
+SWITCHES = {"trim": TRIM, "prefix": PREFIX, "pack": PACK, "text": TEXT, "store": STORE, "memo": MEMO, "all": ALL}
 
 
 def accuracies_identical(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> bool:
@@ -426,7 +429,7 @@ def main() -> None:
     parser.add_argument("--memory-modes", default="inprocess,ray", type=lambda s: s.split(","))
     parser.add_argument("--caches", default="true,false", type=lambda s: s.split(","), help="trim: cache_features")
     parser.add_argument("--switch", choices=sorted(SWITCHES), default="trim",
-                        help="trim, experiment: what old vs new switches (trimming, prefix sharing, or both)")
+                        help="trim, experiment: what old vs new switches (a text shortcut, the store, the memo, ...)")
     parser.add_argument("--kinds", default="warm,cold", type=lambda s: s.split(","), help="experiment: warm,cold")
     parser.add_argument("--models", default="tiny", type=lambda s: s.split(","), help="pretrain: tiny,tiny-vit")
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the measured processes")

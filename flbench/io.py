@@ -14,7 +14,7 @@ from flbench.errors import ConfigError, DataFileError, StorageError
 
 def switched_on(env: str) -> bool:
     """An on/off environment switch that is on unless set to 0/false/no/off (the exact shortcuts' old-vs-new switches:
-    FLBENCH_TRIM_TEXT, FLBENCH_SHARE_PREFIX, FLBENCH_FEATURE_STORE, FLBENCH_TEXT_MEMO)."""
+    FLBENCH_TRIM_TEXT, FLBENCH_SHARE_PREFIX, FLBENCH_PACK_TEXT, FLBENCH_FEATURE_STORE, FLBENCH_TEXT_MEMO)."""
     return os.environ.get(env, "1").strip().lower() not in ("0", "false", "no", "off")
 
 

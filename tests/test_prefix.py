@@ -1,6 +1,8 @@
 """Shared prompt prefixes (flbench/backbones/text.py: `encode_shared_prefix`) are exact: every method's logits, loss
 and gradients agree with sharing on and off, the shared path really runs the prefix once per group, a tower it cannot
-split (swapped attention) falls back to full rows, and a federated record is the same either way.
+split (swapped attention) falls back to full rows, and a federated record is the same either way. So are its packed
+rows and pooled last block (`text_packing`): every method agrees with packing on and off, per-token ops really run
+on real tokens only, and on this CPU a cohort's features and gradients are bit-identical either way.
 
 Tolerance. Sharing computes the same attention over the same keys; only the shapes of the products change (the
 prefix keys are concatenated per row instead of computed per row). To show that no term of any sum changed, the
@@ -15,7 +17,7 @@ import torch
 
 from flbench.algorithms.base import build_method, method_class
 from flbench.backbones.attention import swap_attention
-from flbench.backbones.text import PREFIX_ENV, prefix_sharing, shares_prefix
+from flbench.backbones.text import MIN_PACKED_ROWS, PREFIX_ENV, prefix_sharing, shares_prefix, text_packing
 from helpers import random_tiny
 from test_trimming import CASES, _close, _pass
 
@@ -47,10 +49,35 @@ def test_methods_give_the_same_logits_loss_and_gradients_with_a_shared_prefix(fl
     assert checked == [n for n, _ in CASES if backbone.is_vit or not method_class(n).needs_vit]
 
 
-def _mlp_rows(backbone, run) -> list[int]:
-    """Positions the first block's MLP computes in each of its calls during `run()`."""
+# 36 classes of 1-4 words: rows of several lengths (packing drops their padding) and more EOT rows than
+# MIN_PACKED_ROWS (the last block is pooled).
+MANY_CLASSES = [" ".join(["red", "blue square", "star with a long name", "dot"][i % 4].split()[: 1 + i % 3])
+                + f" {i}" for i in range(36)]
+
+
+@pytest.mark.parametrize("backbone_name", ["tiny", "tiny-vit"])
+def test_methods_give_the_same_logits_loss_and_gradients_with_packed_rows(float64, backbone_name):
+    backbone = random_tiny(backbone_name, seed=1).double()
+    size = backbone.image_size
+    images = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    labels = torch.tensor([0, 1])
+    assert len(MANY_CLASSES) >= MIN_PACKED_ROWS
+    for name, hparams in CASES:
+        if method_class(name).needs_vit and not backbone.is_vit:
+            continue
+        (lp, lossp, gp), (lf, lossf, gf) = (_pass(name, hparams, backbone, images, labels, pack, text_packing,
+                                                  MANY_CLASSES) for pack in (True, False))
+        label = f"{name}{hparams or ''} on {backbone_name}"
+        assert _close(lp, lf) <= TOL64 and _close(lossp, lossf) <= TOL64, f"{label}: logits or loss differ"
+        assert gp.keys() == gf.keys(), f"{label}: not the same gradients"
+        worst = max((_close(gp[k], gf[k]) for k in gp), default=0.0)
+        assert worst <= TOL64, f"{label}: a gradient differs by {worst:.1e}"
+
+
+def _mlp_rows(backbone, run, block=0) -> list[int]:
+    """Positions the MLP of block `block` computes in each of its calls during `run()`."""
     seen = []
-    hook = backbone.model.transformer.resblocks[0].mlp.register_forward_hook(
+    hook = backbone.model.transformer.resblocks[block].mlp.register_forward_hook(
         lambda module, args, out: seen.append(args[0].shape[:-1].numel()))
     try:
         run()
@@ -65,7 +92,7 @@ def test_the_prefix_is_computed_once_per_group():
     coop = build_method("coop", backbone, classes, ["a photo of a {}."], {})
     length = int(coop.prompt.eot().max()) + 1
     prefix = 1 + coop.ctx.shape[0]  # [SOS] and the 4 context tokens
-    with torch.no_grad():
+    with torch.no_grad(), text_packing(False):
         shared = _mlp_rows(backbone, coop.text_features)
         cohort = _mlp_rows(backbone, lambda: coop.prompt.encode(torch.stack([coop.ctx] * 5).unsqueeze(1)))
         with prefix_sharing(False):
@@ -73,6 +100,35 @@ def test_the_prefix_is_computed_once_per_group():
     assert full == [3 * length]
     assert shared == [prefix + 3 * (length - prefix)], "the prefix once, then each row's own positions"
     assert cohort == [5 * prefix + 5 * 3 * (length - prefix)], "one prefix per client of a cohort"
+
+
+def test_packed_rows_run_per_token_ops_on_real_tokens_and_the_last_block_on_eot_rows():
+    backbone = random_tiny("tiny")
+    coop = build_method("coop", backbone, MANY_CLASSES, ["a photo of a {}."], {})
+    eot = coop.prompt.eot()
+    prefix = 1 + coop.ctx.shape[0]
+    real = int((eot - prefix + 1).sum())  # each row's positions after the prefix, up to its EOT
+    assert real < len(MANY_CLASSES) * (int(eot.max()) + 1 - prefix), "the rows have padding to drop"
+    contexts = torch.stack([coop.ctx] * 3).unsqueeze(1)
+    with torch.no_grad():
+        first, last = (_mlp_rows(backbone, lambda: coop.prompt.encode(contexts), block) for block in (0, -1))
+    assert first == [3 * (prefix + real)], "the prefixes and the real tokens only"
+    assert last == [3 * len(MANY_CLASSES)], "the last block's MLP on each row's EOT only"
+
+
+def test_packing_leaves_a_cohorts_features_and_gradients_bit_identical():
+    backbone = random_tiny("tiny")
+    coop = build_method("coop", backbone, MANY_CLASSES, ["a photo of a {}."], {})
+    weights = torch.randn(3, len(MANY_CLASSES), backbone.model.text_projection.shape[1],
+                          generator=torch.Generator().manual_seed(0))
+    runs = []
+    for pack in (True, False):
+        contexts = (torch.stack([coop.ctx.detach()] * 3) + torch.arange(3.0).view(3, 1, 1) / 10).requires_grad_()
+        with text_packing(pack):
+            features = coop.prompt.encode(contexts.unsqueeze(1))
+        (features * weights).sum().backward()
+        runs.append((features.detach(), contexts.grad))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
 
 
 def test_a_tower_with_swapped_attention_falls_back_to_full_rows():

@@ -19,8 +19,9 @@ import torch
 from flbench.algorithms.base import available_methods, build_method, method_class
 from flbench.backbones.clip import FrozenCLIP
 from flbench.backbones.tiny import TINY_CONFIGS
-from flbench.backbones.text import (PREFIX_ENV, TRIM_ENV, is_causal_text_tower, prefix_sharing, prefix_sharing_enabled,
-                                    text_length, text_trimming, trimming_enabled)
+from flbench.backbones.text import (PACK_ENV, PREFIX_ENV, TRIM_ENV, is_causal_text_tower, packing_enabled,
+                                    prefix_sharing, prefix_sharing_enabled, text_length, text_packing, text_trimming,
+                                    trimming_enabled)
 from helpers import random_tiny
 
 CLASSES = ["red circle", "blue square with a long name", "star"]
@@ -62,12 +63,13 @@ def _stand_in_features(method, backbone, batch: int, training: bool):
     return features
 
 
-def _pass(name, hparams, backbone, images, labels, trim: bool, switch=text_trimming):
+def _pass(name, hparams, backbone, images, labels, trim: bool, switch=text_trimming, classes=None):
     """Build (hand-crafted features encoded under this setting), perturb, one training backward, eval logits.
-    `switch` is the text shortcut under test (trimming here, prefix sharing in tests/test_prefix.py)."""
+    `switch` is the text shortcut under test (trimming here, prefix sharing and packing in tests/test_prefix.py)."""
     backbone.__dict__.pop("_handcrafted_text", None)
     real = backbone.name != "ViT-B-16"
-    classes, templates = (CLASSES, TEMPLATES) if real else (VIT_CLASSES, VIT_TEMPLATES)
+    default, templates = (CLASSES, TEMPLATES) if real else (VIT_CLASSES, VIT_TEMPLATES)
+    classes = classes or default
     with switch(trim):
         torch.manual_seed(0)
         method = build_method(name, backbone, classes, templates, {**HPARAMS.get(name, {}), **hparams})
@@ -141,7 +143,8 @@ def test_a_pass_computes_only_the_positions_up_to_the_last_eot(backbones):
 
 
 @pytest.mark.parametrize("env, switch, enabled", [(TRIM_ENV, text_trimming, trimming_enabled),
-                                                   (PREFIX_ENV, prefix_sharing, prefix_sharing_enabled)])
+                                                   (PREFIX_ENV, prefix_sharing, prefix_sharing_enabled),
+                                                   (PACK_ENV, text_packing, packing_enabled)])
 def test_each_text_shortcut_switch_nests_and_its_environment_variable_turns_it_off(monkeypatch, env, switch, enabled):
     monkeypatch.delenv(env, raising=False)
     assert enabled()

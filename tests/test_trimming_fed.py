@@ -1,7 +1,7 @@
 """Text-length trimming seen from outside the text tower: routed-KV attention gets the same real tokens (same
 assignments, same capacities, same outputs and router gradients), pretraining's text pass equals open_clip's own
-forward, and a federated run's record metrics, and its config hash, are the same with trimming and prefix sharing
-(tests/test_prefix.py) on and off.
+forward, and a federated run's record metrics, and its config hash, are the same with trimming, prefix sharing and
+packing (tests/test_prefix.py) on and off.
 Tolerance as tests/test_trimming.py (5e-5 of the largest magnitude: fp32 rounding of differently shaped kernels)."""
 
 import open_clip
@@ -11,7 +11,7 @@ import torch
 from flbench.algorithms.base import build_method
 from flbench.backbones.attention import swap_attention, swapped_modules
 from flbench.backbones.tiny import TINY_CONFIGS
-from flbench.backbones.text import encode_tokens, prefix_sharing, text_trimming
+from flbench.backbones.text import encode_tokens, prefix_sharing, text_packing, text_trimming
 from flbench.run import run
 from helpers import compose_config, random_tiny
 
@@ -69,7 +69,7 @@ def test_pretraining_text_pass_equals_open_clip_forward():
 def test_a_federated_run_records_the_same_metrics_and_hash_with_and_without_the_text_shortcuts(tmp_path):
     records = {}
     for trim in (True, False):
-        with text_trimming(trim), prefix_sharing(trim):
+        with text_trimming(trim), prefix_sharing(trim), text_packing(trim):
             records[trim] = run(compose_config(["num_rounds=1"], results_dir=tmp_path / str(trim)))
     on, off = records[True], records[False]
     assert on["config_hash"] == off["config_hash"], "the switch is no part of the config"

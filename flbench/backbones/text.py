@@ -19,15 +19,30 @@ is the same attention over the same keys — exact up to rounding — at (P + C�
 layer. It needs the plain open_clip block (dense multi-head attention, no cross-attention inputs); a swapped
 attention layer (GQA, routed-KV: its routing counts a row's tokens) or any other block falls back to full rows.
 
-Both are on by default. `text_trimming(False)` / `prefix_sharing(False)` (context managers) or the environment
-variables `FLBENCH_TRIM_TEXT=0` / `FLBENCH_SHARE_PREFIX=0` turn them off, for the exactness tests, the old-vs-new
-benchmarks and debugging; neither is a config key, so records and their hashes do not depend on them.
+Packed rows and a pooled last block. Inside a shared-prefix pass two more kinds of work are never read: a row's
+positions after its own EOT (the pass runs to the batch's last EOT; on the default experiment 56 of 64 class prompts
+end one position earlier, 17.5 % of the row positions), and, in the last block, every position but the EOT (only the
+EOT row is pooled; the others matter there only as keys and values). So every per-token op (layer norms, projections,
+MLP) runs on the real tokens alone, packed into one matrix; attention sees them in the padded [rows, positions] grid
+as before, padding zero, which a real query never reaches under the causal mask; and the last block computes keys and
+values for every token but its attention output, output projection and MLP for the EOT rows only. Each row of a
+matrix product, layer norm or GELU is computed on its own, so this changes which rows are computed, not how: the
+features and gradients are bit-identical on the machines measured (tests/test_prefix.py). One guard keeps that true
+across thread counts: a CPU product of fewer than 16 rows may sum in a thread-dependent order (measured here: 1 and
+4-15 rows, for some of the tower's weight shapes), so a product is packed or pooled only where it keeps at least
+`MIN_PACKED_ROWS` rows.
+
+All three are on by default. `text_trimming(False)` / `prefix_sharing(False)` / `text_packing(False)` (context
+managers) or the environment variables `FLBENCH_TRIM_TEXT=0` / `FLBENCH_SHARE_PREFIX=0` / `FLBENCH_PACK_TEXT=0` turn
+them off, for the exactness tests, the old-vs-new benchmarks and debugging; none is a config key, so records and
+their hashes do not depend on them.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -37,8 +52,9 @@ from torch import nn
 from flbench.backbones.layers import is_causal_mask, sdpa_mask, sequence_lengths
 from flbench.io import switched_on
 
-TRIM_ENV, PREFIX_ENV = "FLBENCH_TRIM_TEXT", "FLBENCH_SHARE_PREFIX"
-_overrides: dict[str, list[bool]] = {TRIM_ENV: [], PREFIX_ENV: []}  # innermost block last; empty = the environment
+TRIM_ENV, PREFIX_ENV, PACK_ENV = "FLBENCH_TRIM_TEXT", "FLBENCH_SHARE_PREFIX", "FLBENCH_PACK_TEXT"
+_overrides: dict[str, list[bool]] = {TRIM_ENV: [], PREFIX_ENV: [], PACK_ENV: []}  # innermost last; empty = environment
+MIN_PACKED_ROWS = 32  # a per-token product is made smaller only where it keeps this many rows (docstring)
 
 
 @contextlib.contextmanager
@@ -66,12 +82,22 @@ def prefix_sharing(enabled: bool) -> contextlib.AbstractContextManager[None]:
     return _switched(PREFIX_ENV, enabled)
 
 
+def text_packing(enabled: bool) -> contextlib.AbstractContextManager[None]:
+    """Within this block, shared-prefix passes run per-token ops on real tokens only and pool the last block (True)
+    or compute every position of the padded rows (False)."""
+    return _switched(PACK_ENV, enabled)
+
+
 def trimming_enabled() -> bool:
     return _enabled(TRIM_ENV)
 
 
 def prefix_sharing_enabled() -> bool:
     return _enabled(PREFIX_ENV)
+
+
+def packing_enabled() -> bool:
+    return _enabled(PACK_ENV)
 
 
 def is_causal_text_tower(model: nn.Module) -> bool:
@@ -110,9 +136,14 @@ def text_inputs(model: nn.Module, embeddings: torch.Tensor, eot_index: torch.Ten
 
 
 def project_eot(model: nn.Module, x: torch.Tensor, eot_index: torch.Tensor) -> torch.Tensor:
-    """ln_final, EOT pooling and the text projection (open_clip's tail of `encode_text`)."""
+    """EOT pooling, ln_final and the text projection (open_clip's tail of `encode_text`; a layer norm is per row, so
+    pooling before it is the same)."""
+    return project_pooled(model, x[torch.arange(x.shape[0], device=x.device), eot_index])
+
+
+def project_pooled(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """ln_final and the text projection of pooled rows [N, W]."""
     x = model.ln_final(x)
-    x = x[torch.arange(x.shape[0], device=x.device), eot_index]
     projection = model.text_projection
     if projection is None:
         return x
@@ -163,15 +194,22 @@ def encode_shared_prefix(model: nn.Module, prefix: torch.Tensor, suffix: torch.T
         return encode_embeddings(model, rows, eot_index.repeat(G)).unflatten(0, (G, C))
     length = text_length(model, eot_index)
     positions = model.positional_embedding.to(prefix.dtype)
-    S, W = length - P, prefix.shape[-1]
-    # Prefix and row tokens as one [G·P + G·C·S, W] matrix for every per-token op (layer norms, projections, MLP):
+    layout = _Layout.of(G, P, length - P, eot_index - P)
+    W = prefix.shape[-1]
+    # Prefix and row tokens as one [G·P + tokens, W] matrix for every per-token op (layer norms, projections, MLP):
     # one product per weight, and one large enough that its summation order does not depend on the thread count
     # (CPU GEMMs of 5-11 rows do; measured).
-    x = torch.cat([(prefix + positions[:P]).reshape(-1, W), (suffix[..., :S, :] + positions[P:length]).reshape(-1, W)])
+    x = torch.cat([(prefix + positions[:P]).reshape(-1, W),
+                   layout.pack((suffix[..., :layout.steps, :] + positions[P:length]).reshape(-1, W))])
     mask = sdpa_mask(model.attn_mask[:length, :length], prefix.dtype)
-    for block in model.transformer.resblocks:
-        x = _shared_block(block, x, mask, (G, P), (G, C, S))
-    return project_eot(model, x[G * P:].view(G * C, S, W), (eot_index - P).repeat(G)).unflatten(0, (G, C))
+    *blocks, last = model.transformer.resblocks
+    for block in blocks:
+        x = _shared_block(block, x, mask, layout)
+    if layout.pooled:
+        x = _shared_block(last, x, mask, layout, pooled=True)
+    else:
+        x = _shared_block(last, x, mask, layout)[G * P:].index_select(0, layout.eot_packed)
+    return project_pooled(model, x).unflatten(0, (G, C))
 
 
 def encode_embeddings(model: nn.Module, embeddings: torch.Tensor, eot_index: torch.Tensor) -> torch.Tensor:
@@ -182,26 +220,70 @@ def encode_embeddings(model: nn.Module, embeddings: torch.Tensor, eot_index: tor
     return project_eot(model, x, eot_index)
 
 
-def _shared_block(block: ResidualAttentionBlock, x: torch.Tensor, mask: torch.Tensor, prefix_shape: tuple,
-                  rows_shape: tuple) -> torch.Tensor:
-    """One residual block over tokens [G·P + G·C·S, W] (the G prefixes, then the rows): per-token ops on all of
-    them at once, attention apart — the prefix causally over itself, each row's queries over its group's prefix keys
-    and values and its own (causally)."""
+@dataclass(frozen=True)
+class _Layout:
+    """Where the row tokens of a shared-prefix pass live: the padded grid [G, C, S] attention reads (row c's
+    positions P .. P+S-1), and the packed list of its real tokens (positions up to the row's EOT) that every per-token
+    op runs on. Without packing (`text_packing(False)`, or rows without padding) the two are the same."""
+
+    groups: int
+    prefix: int
+    classes: int
+    steps: int
+    real: torch.Tensor | None  # grid index of each packed token, in grid order; None: every grid token is real
+    eot_grid: torch.Tensor  # [G·C] grid index of each row's EOT
+    eot_packed: torch.Tensor  # [G·C] index of each row's EOT among the packed tokens
+    pooled: bool  # whether the last block runs its attention output, projection and MLP on the EOT rows alone
+
+    @staticmethod
+    def of(groups: int, prefix: int, steps: int, eot_in_suffix: torch.Tensor) -> _Layout:
+        classes = eot_in_suffix.shape[0]
+        eot_grid = (torch.arange(groups * classes, device=eot_in_suffix.device) * steps
+                    + eot_in_suffix.repeat(groups))
+        if not packing_enabled():
+            return _Layout(groups, prefix, classes, steps, None, eot_grid, eot_grid, False)
+        pooled = groups * classes >= MIN_PACKED_ROWS
+        keep = torch.arange(steps, device=eot_in_suffix.device) <= eot_in_suffix.unsqueeze(1)  # [C, S]
+        tokens = groups * (prefix + int(keep.sum()))
+        if tokens == groups * (prefix + classes * steps) or tokens < MIN_PACKED_ROWS:  # nothing to drop, or too few
+            return _Layout(groups, prefix, classes, steps, None, eot_grid, eot_grid, pooled)
+        real = keep.expand(groups, -1, -1).flatten().nonzero().squeeze(1)
+        eot_packed = torch.searchsorted(real, eot_grid)  # real is sorted and holds every EOT
+        return _Layout(groups, prefix, classes, steps, real, eot_grid, eot_packed, pooled)
+
+    def pack(self, grid: torch.Tensor) -> torch.Tensor:
+        """[G·C·S, F] -> [tokens, F]: the real tokens."""
+        return grid if self.real is None else grid.index_select(0, self.real)
+
+    def unpack(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[tokens, F] -> [G·C·S, F], zero at padding (never attended to: it follows its row's EOT)."""
+        if self.real is None:
+            return tokens
+        grid = tokens.new_zeros(self.groups * self.classes * self.steps, tokens.shape[-1])
+        return grid.index_copy(0, self.real, tokens)
+
+
+def _shared_block(block: ResidualAttentionBlock, x: torch.Tensor, mask: torch.Tensor, layout: _Layout,
+                  pooled: bool = False) -> torch.Tensor:
+    """One residual block over tokens [G·P + tokens, W] (the G prefixes, then the rows' packed tokens): per-token ops
+    on all of them at once, attention apart — the prefix causally over itself, each row's queries over its group's
+    prefix keys and values and its own (causally). `pooled`: the last block, whose output is read at the EOT rows
+    only — returns those [G·C, W]."""
     attn = block.attn
-    heads, P, n = attn.num_heads, prefix_shape[1], prefix_shape[0] * prefix_shape[1]
-    q, k, v = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
-
-    def split(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # -> [G, H, P, d], [G, C, H, S, d]
-        return (t[:n].reshape(*prefix_shape, heads, -1).transpose(-3, -2),
-                t[n:].reshape(*rows_shape, heads, -1).transpose(-3, -2))
-
-    (qp, qr), (kp, kr), (vp, vr) = split(q), split(k), split(v)
-    C = rows_shape[1]
+    G, P, C, S = layout.groups, layout.prefix, layout.classes, layout.steps
+    heads, n = attn.num_heads, G * P
+    qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
+    qkv_prefix, qkv_rows = qkv[:n], layout.unpack(qkv[n:])
+    qp, kp, vp = (t.reshape(G, P, heads, -1).transpose(-3, -2) for t in qkv_prefix.chunk(3, dim=-1))
+    qr, kr, vr = (t.reshape(G, C, S, heads, -1).transpose(-3, -2) for t in qkv_rows.chunk(3, dim=-1))
     k_rows = torch.cat([kp.unsqueeze(1).expand(-1, C, -1, -1, -1), kr], dim=-2)
     v_rows = torch.cat([vp.unsqueeze(1).expand(-1, C, -1, -1, -1), vr], dim=-2)
-    out_prefix = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask[:P, :P])
     out_rows = F.scaled_dot_product_attention(qr, k_rows, v_rows, attn_mask=mask[P:])
-    out = torch.cat([out_prefix.transpose(-3, -2).reshape(n, -1),
-                     out_rows.transpose(-3, -2).reshape(x.shape[0] - n, -1)])
+    out_rows = out_rows.transpose(-3, -2).reshape(G * C * S, -1)
+    if pooled:
+        out, x = out_rows.index_select(0, layout.eot_grid), x[n:].index_select(0, layout.eot_packed)
+    else:
+        out_prefix = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask[:P, :P])
+        out = torch.cat([out_prefix.transpose(-3, -2).reshape(n, -1), layout.pack(out_rows)])
     x = x + block.ls_1(attn.out_proj(out))
     return x + block.ls_2(block.mlp(block.ln_2(x)))

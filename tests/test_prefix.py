@@ -49,7 +49,7 @@ def test_methods_give_the_same_logits_loss_and_gradients_with_a_shared_prefix(fl
     assert checked == [n for n, _ in CASES if backbone.is_vit or not method_class(n).needs_vit]
 
 
-# 36 classes of 1-4 words: rows of several lengths (packing drops their padding) and more EOT rows than
+# 36 classes of 2-4 words: rows of several lengths (packing drops their padding) and more EOT rows than
 # MIN_PACKED_ROWS (the last block is pooled).
 MANY_CLASSES = [" ".join(["red", "blue square", "star with a long name", "dot"][i % 4].split()[: 1 + i % 3])
                 + f" {i}" for i in range(36)]

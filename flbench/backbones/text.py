@@ -54,7 +54,7 @@ from flbench.io import switched_on
 
 TRIM_ENV, PREFIX_ENV, PACK_ENV = "FLBENCH_TRIM_TEXT", "FLBENCH_SHARE_PREFIX", "FLBENCH_PACK_TEXT"
 _overrides: dict[str, list[bool]] = {TRIM_ENV: [], PREFIX_ENV: [], PACK_ENV: []}  # innermost last; empty = environment
-MIN_PACKED_ROWS = 32  # a per-token product is made smaller only where it keeps this many rows (docstring)
+MIN_PACKED_ROWS = 32  # a per-token product is made smaller only where it keeps this many rows (16 + a margin)
 
 
 @contextlib.contextmanager

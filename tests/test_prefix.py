@@ -151,11 +151,14 @@ def test_the_environment_variable_turns_sharing_off_for_a_shareable_tower(monkey
     assert not shares_prefix(backbone.model)
 
 
-def test_shared_prefix_features_do_not_depend_on_the_thread_count():
-    """Ray workers and the in-process backend run other thread counts and must give the same numbers: CPU matrix
-    products of 5-11 rows (one prefix alone) sum in a thread-dependent order, so prefix and rows share one product."""
+@pytest.mark.parametrize("classes", [[f"class {i} shape" for i in range(64)], MANY_CLASSES],
+                         ids=["one length, pooled", "several lengths, packed and pooled"])
+def test_shared_prefix_features_do_not_depend_on_the_thread_count(classes):
+    """Ray workers and the in-process backend run other thread counts and must give the same numbers: small CPU
+    matrix products (one prefix alone) sum in a thread-dependent order, so prefix and rows share one product, and
+    packing and pooling shrink a product only where it keeps MIN_PACKED_ROWS rows."""
     backbone = random_tiny("tiny")
-    coop = build_method("coop", backbone, [f"class {i} shape" for i in range(64)], ["a photo of a {}."], {})
+    coop = build_method("coop", backbone, classes, ["a photo of a {}."], {})
     runs = []
     for threads in (1, 2):
         torch.set_num_threads(threads)

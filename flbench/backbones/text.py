@@ -27,7 +27,7 @@ MLP) runs on the real tokens alone, packed into one matrix; attention sees them 
 as before, padding zero, which a real query never reaches under the causal mask; and the last block computes keys and
 values for every token but its attention output, output projection and MLP for the EOT rows only. Each row of a
 matrix product, layer norm or GELU is computed on its own, so this changes which rows are computed, not how: the
-features and gradients are bit-identical on the machines measured (tests/test_prefix.py). One guard keeps that true
+features and gradients came out bit-identical on this project's machine (tests/test_prefix.py). A guard keeps it so
 across thread counts: a CPU product of fewer than 16 rows may sum in a thread-dependent order (measured here: 1 and
 4-15 rows, for some of the tower's weight shapes), so a product is packed or pooled only where it keeps at least
 `MIN_PACKED_ROWS` rows.
@@ -198,17 +198,15 @@ def encode_shared_prefix(model: nn.Module, prefix: torch.Tensor, suffix: torch.T
     W = prefix.shape[-1]
     # Prefix and row tokens as one [G·P + tokens, W] matrix for every per-token op (layer norms, projections, MLP):
     # one product per weight, and one large enough that its summation order does not depend on the thread count
-    # (CPU GEMMs of 5-11 rows do; measured).
+    # (small CPU GEMMs' does: module docstring).
     x = torch.cat([(prefix + positions[:P]).reshape(-1, W),
                    layout.pack((suffix[..., :layout.steps, :] + positions[P:length]).reshape(-1, W))])
     mask = sdpa_mask(model.attn_mask[:length, :length], prefix.dtype)
-    *blocks, last = model.transformer.resblocks
-    for block in blocks:
-        x = _shared_block(block, x, mask, layout)
-    if layout.pooled:
-        x = _shared_block(last, x, mask, layout, pooled=True)
-    else:
-        x = _shared_block(last, x, mask, layout)[G * P:].index_select(0, layout.eot_packed)
+    blocks = model.transformer.resblocks
+    for i, block in enumerate(blocks):
+        x = _shared_block(block, x, mask, layout, pooled=layout.pooled and i == len(blocks) - 1)
+    if not layout.pooled:  # every token came out of the last block: read the EOT rows
+        x = x[G * P:].index_select(0, layout.eot_packed)
     return project_pooled(model, x).unflatten(0, (G, C))
 
 
@@ -244,9 +242,9 @@ class _Layout:
             return _Layout(groups, prefix, classes, steps, None, eot_grid, eot_grid, False)
         pooled = groups * classes >= MIN_PACKED_ROWS
         keep = torch.arange(steps, device=eot_in_suffix.device) <= eot_in_suffix.unsqueeze(1)  # [C, S]
-        tokens = groups * (prefix + int(keep.sum()))
-        if tokens == groups * (prefix + classes * steps) or tokens < MIN_PACKED_ROWS:  # nothing to drop, or too few
-            return _Layout(groups, prefix, classes, steps, None, eot_grid, eot_grid, pooled)
+        real_per_group = int(keep.sum())
+        if real_per_group == classes * steps or groups * (prefix + real_per_group) < MIN_PACKED_ROWS:
+            return _Layout(groups, prefix, classes, steps, None, eot_grid, eot_grid, pooled)  # nothing to drop, or few
         real = keep.expand(groups, -1, -1).flatten().nonzero().squeeze(1)
         eot_packed = torch.searchsorted(real, eot_grid)  # real is sorted and holds every EOT
         return _Layout(groups, prefix, classes, steps, real, eot_grid, eot_packed, pooled)

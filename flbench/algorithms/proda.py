@@ -57,10 +57,15 @@ def gaussian_surrogate_loss(features: torch.Tensor, images: torch.Tensor, labels
         at_label = centred.gather(2, labels.view(-1, 1, 1).expand(-1, K, 1))
         spread = (centred - at_label).pow(2).sum(1)                # Σ_k (a_kj − a_ky)², 0 at j = y
     else:  # Σ_k Σ_d x_d² (dev_kj − dev_ky)²_d, expanded so that no [K, B, C, D] tensor is formed
+        # The label rows are picked by a one-hot product, not by indexing: with repeated labels, indexing's backward
+        # (index_put with accumulation) adds with parallel atomics on CPU from 32,768 elements on, in a racing order
+        # that made ProDA's gradients differ run to run (index_select's, index_add, does so on CUDA). A product's
+        # reduction has a fixed order, and its forward is exact (x·1 plus zeros).
         weights = images.pow(2)                                    # [B, D]
         energy = dev.pow(2).sum(0)                                 # Σ_k dev_kc², [C, D]
-        at_label = dev[:, labels]                                  # [K, B, D]
-        spread = ((weights * energy[labels]).sum(-1, keepdim=True) + weights @ energy.t()
+        pick = F.one_hot(labels, dev.shape[1]).to(dev.dtype)       # [B, C]
+        at_label = torch.einsum("bc,kcd->kbd", pick, dev)          # dev_ky, [K, B, D]
+        spread = ((weights * (pick @ energy)).sum(-1, keepdim=True) + weights @ energy.t()
                   - 2 * torch.einsum("kbd,kcd->bc", at_label * weights, dev))
     return F.cross_entropy(logits + 0.5 * scale ** 2 * spread / (K + 1), labels)
 

@@ -98,6 +98,7 @@ class Experiment:
         """The process's method, reset to its initial state (so no client ever sees another client's leftovers)."""
         method = self.method
         method.load_state_dict(self.initial_state)
+        method.reset_walk()
         if method.classnames != (classnames or self.scenario.train_classnames):
             method.set_classnames(classnames or self.scenario.train_classnames)
         return method

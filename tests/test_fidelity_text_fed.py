@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from flbench.backbones import prompted
-from helpers import random_tiny
+from flbench.experiment import get_experiment
+from helpers import compose_config, random_tiny
 from test_fidelity_text import (CLASSES, TEMPLATES, assert_backward_matches, batch, build, clip_logits,
                                 perturb, prompt_features, unit, word_embeddings, yaml_hparams)
 
@@ -135,6 +136,18 @@ def test_proda_prompt_batches_cycle_through_a_permutation(backbone):
         method.backward(encoded, labels)
         used.append({k for k in range(4) if method.ctx.grad[k].abs().sum() > 0})
     assert [len(u) for u in used] == [2, 2] and used[0] | used[1] == {0, 1, 2, 3}
+
+
+def test_proda_each_local_training_starts_a_new_prompt_walk():
+    """The walk is not in the state dict, so `Experiment.fresh()` restarts it: with the same seed a client draws the
+    same first prompt batch whatever the client before it left (a resumed run or a Ray worker has none before it)."""
+    experiment = get_experiment(compose_config(["algorithm=proda", "algorithm.n_prompts=4",
+                                                "algorithm.prompt_batch=2"]))
+    experiment.method  # noqa: B018 — built before the seed (building it reseeds torch), as the client app does
+    torch.manual_seed(0)
+    first = experiment.fresh().next_prompt_batch()  # the previous client stops halfway through its permutation
+    torch.manual_seed(0)
+    assert torch.equal(experiment.fresh().next_prompt_batch(), first)
 
 
 # --- PromptSRC ------------------------------------------------------------------------------------------------------

@@ -151,6 +151,12 @@ class PromptMethod(nn.Module):
         """
         return dict(history[-1])
 
+    def reset_walk(self) -> None:
+        """Start over any state that advances with training steps outside the state dict (ProDA's walk through its
+        prompts). `Experiment.fresh()` calls it with the state-dict reset, so no client's local training continues
+        the walk of the client trained before it in the same process — which a resumed run or a Ray worker would
+        not repeat."""
+
     # --- class names -----------------------------------------------------------------------------------------
     def set_classnames(self, classnames: Sequence[str]) -> None:
         """Switch to other class names (base→novel, cross-dataset). Methods with per-class parameters refuse."""

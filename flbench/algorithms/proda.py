@@ -18,7 +18,9 @@ prompts, weight 0.1. Prediction uses s μ_jᵀx, the expected logit, in training
 renormalised). All prompts are shared.
 
 `prompt_batch` (default: all K) trains the prompts in batches that walk a fresh random permutation of the K prompts
-(each prompt once per K / prompt_batch steps), for large backbones; the diversity term still covers all K.
+(each prompt once per K / prompt_batch steps), for large backbones; the diversity term still covers all K. In a
+federation every local training starts a new walk (drawn from the client's seeded stream), as one run of the
+reference's training loop.
 """
 
 from __future__ import annotations
@@ -112,8 +114,7 @@ covariance or diversity at all; those are not reproduced (K = 32 and the three p
         self.prompts = nn.ModuleDict({pos: TextPrompt(backbone, classnames, n_ctx, pos)
                                       for pos in sorted(set(self.positions))})
         self.classfree = TextPrompt(backbone, [""], n_ctx, "end")
-        self._order: torch.Tensor = torch.arange(n_prompts)
-        self._cursor = 0
+        self.reset_walk()
 
     def class_features(self, index: torch.Tensor | None = None) -> torch.Tensor:
         """Normalised class text features [K', C, D] of the prompts at `index` (all by default), in that order."""
@@ -133,6 +134,9 @@ covariance or diversity at all; those are not reproduced (K = 32 and the three p
         sims = feats @ feats.t()
         off_diagonal = ~torch.eye(len(feats), dtype=torch.bool, device=sims.device)
         return sims[off_diagonal].abs().mean()
+
+    def reset_walk(self) -> None:
+        self._order, self._cursor = torch.arange(self.ctx.shape[0]), 0
 
     def next_prompt_batch(self) -> torch.Tensor:
         """The prompts this step trains: all K, or the next `prompt_batch` of a random permutation (a new one each

@@ -38,8 +38,19 @@ def one_thread():
     """For tests on tiny tensors (modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`): a second
     OpenMP thread buys nothing there, and on a busy machine (CI runners, shared boxes) two spinning threads per
     process made the method-zoo tests 5-9x slower in CPU time (measured)."""
+    yield from _threads(1)
+
+
+@pytest.fixture
+def two_threads():
+    """For tests of what splits work across threads (CPU kernels parallelise only with a second thread). Request it
+    as an argument: it is then set up after a module's `one_thread` mark, and wins."""
+    yield from _threads(2)
+
+
+def _threads(count: int):
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(count)
     yield
     torch.set_num_threads(threads)
 

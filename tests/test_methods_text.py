@@ -203,7 +203,7 @@ def test_proda_full_covariance_surrogate_equals_the_explicit_covariance_formula(
                           atol=1e-5)
 
 
-def test_proda_surrogate_gradients_repeat_bit_for_bit_on_two_threads():
+def test_proda_surrogate_gradients_repeat_bit_for_bit_on_two_threads(two_threads):
     """Many images per label, two threads: picking the label rows by indexing made the backward add with racing
     atomics (49 of 50 backward passes differed from the first at B = 128, measured); the one-hot product does not."""
     g = torch.Generator().manual_seed(2)
@@ -216,14 +216,9 @@ def test_proda_surrogate_gradients_repeat_bit_for_bit_on_two_threads():
         gaussian_surrogate_loss(leaf, images, labels, scale, covariance).backward()
         return leaf.grad
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        for covariance in ("diagonal", "full"):
-            first = gradient(covariance)
-            assert all(torch.equal(first, gradient(covariance)) for _ in range(10))
-    finally:
-        torch.set_num_threads(threads)
+    for covariance in ("diagonal", "full"):
+        first = gradient(covariance)
+        assert all(torch.equal(first, gradient(covariance)) for _ in range(10))
 
 
 def test_proda_surrogate_bounds_the_expected_cross_entropy():

@@ -42,6 +42,9 @@ measured in the same process (the physical limit of this loop on the machine).
 
     python benchmarks/fl_round.py cohort --backbone tiny --repeats 3 --rounds 4 --out /tmp/cohort_tiny.json
 
+`phases` (benchmarks/round_phases.py) splits the training steps of a cached round, sequential and cohort, into the
+text tower's attention cores, its MLPs and the rest, each timed forward and backward.
+
     python benchmarks/fl_round.py rounds --backbone tiny --repeats 3 --rounds 5
     python benchmarks/fl_round.py cache --backbone tiny
     python benchmarks/fl_round.py memory --backbone tiny
@@ -74,6 +77,7 @@ if str(ROOT / "benchmarks") not in sys.path:  # run as a script or imported by g
     sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from fl_process import collect, load1, paired, repeat, same_metrics  # noqa: E402
+from round_phases import bench_phases, measure_phases  # noqa: E402
 from text_bucket import bench_bucket  # noqa: E402
 
 COMMON = ["logger.mode=disabled", "checkpoint.every=0", "force=true"]
@@ -418,7 +422,7 @@ def summary(name: str, result: dict[str, Any]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("what", choices=["rounds", "cache", "memory", "all", "trim", "experiment", "pretrain",
-                                         "bucket", "cohort", "_one", "_pretrain", "_cohort"])
+                                         "bucket", "cohort", "phases", "_one", "_pretrain", "_cohort", "_phases"])
     parser.add_argument("--backbone", choices=sorted(BACKBONES), default="tiny")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=5)
@@ -446,13 +450,16 @@ def main() -> None:
     if args.what == "_cohort":
         Path(args.result).write_text(json.dumps(measure_cohort(args.mode, args.overrides)))
         return
+    if args.what == "_phases":
+        Path(args.result).write_text(json.dumps(measure_phases(args.mode, args.overrides)))
+        return
     if args.what == "_pretrain":
         Path(args.result).write_text(json.dumps(measure_pretrain(args.mode, args.overrides[0])))
         return
     base = [*BACKBONES[args.backbone], *args.overrides]
     benches = {"rounds": bench_rounds, "cache": bench_cache, "memory": bench_memory, "trim": bench_trim,
                "experiment": bench_experiment, "pretrain": bench_pretrain, "bucket": bench_bucket,
-               "cohort": bench_cohort}
+               "cohort": bench_cohort, "phases": bench_phases}
     chosen = ["rounds", "cache", "memory"] if args.what == "all" else [args.what]
     results: dict[str, Any] = {"backbone": args.backbone, "cpu_count": os.cpu_count(), "argv": sys.argv[1:]}
     for name in chosen:

@@ -459,7 +459,7 @@ def main() -> None:
     base = [*BACKBONES[args.backbone], *args.overrides]
     benches = {"rounds": bench_rounds, "cache": bench_cache, "memory": bench_memory, "trim": bench_trim,
                "experiment": bench_experiment, "pretrain": bench_pretrain, "bucket": bench_bucket,
-               "cohort": bench_cohort, "phases": bench_phases}
+               "cohort": bench_cohort, "phases": lambda base, args: bench_phases([*COMMON, *base], args)}
     chosen = ["rounds", "cache", "memory"] if args.what == "all" else [args.what]
     results: dict[str, Any] = {"backbone": args.backbone, "cpu_count": os.cpu_count(), "argv": sys.argv[1:]}
     for name in chosen:

@@ -1,7 +1,7 @@
 """Where a cached round's training time goes (issue 18): the text tower's attention cores and MLPs against the rest
 of each local step, sequential (`backend.cohort_size=1`) and as cohorts. Run through
 
-    python benchmarks/fl_round.py phases --backbone tiny --repeats 2 --rounds 4
+    python benchmarks/fl_round.py phases --backbone tiny --repeats 4 --rounds 4
 
 Each call of `F.scaled_dot_product_attention` in the training steps' text pass (flbench/backbones/text.py) and of
 every text block's MLP is wrapped in an autograd function that times its forward and, separately, its backward
@@ -87,19 +87,18 @@ def measure_phases(variant: str, overrides: list[str]) -> dict[str, Any]:
     phase."""
     import tempfile
 
-    from fl_round import compose
-
+    from flbench.cli import compose
     from flbench.experiment import _PROCESS_EXPERIMENTS
     from flbench.run import run
 
     totals: dict[str, float] = collections.defaultdict(float)
     with tempfile.TemporaryDirectory(prefix="flbench-bench-") as results:
         warm = [o for o in overrides if not o.startswith("num_rounds=")]
-        run(compose([*warm, *PHASES[variant], "num_rounds=1", f"results_dir={results}/warm"]))
+        run(compose([*warm, *PHASES[variant], "num_rounds=1", f"results_dir={results}/warm"], job_name="bench"))
         experiment = next(iter(_PROCESS_EXPERIMENTS.values()))
         _instrument(totals, experiment.backbone.model.transformer.resblocks)
         totals.clear()
-        record = run(compose([*overrides, *PHASES[variant], f"results_dir={results}/timed"]))
+        record = run(compose([*overrides, *PHASES[variant], f"results_dir={results}/timed"], job_name="bench"))
     stamps = [row["time_s"] for row in record["history"]]
     rounds = len(stamps) - 1
     per_round = {key: value / rounds for key, value in totals.items()}
@@ -109,9 +108,8 @@ def measure_phases(variant: str, overrides: list[str]) -> dict[str, Any]:
 
 
 def bench_phases(base: list[str], args: argparse.Namespace) -> dict[str, Any]:
-    from fl_round import COMMON
-
-    overrides = [*COMMON, *base, f"num_rounds={args.rounds}"]
+    """`base`: the run overrides (fl_round.py's COMMON and backbone ones)."""
+    overrides = [*base, f"num_rounds={args.rounds}"]
     out: dict[str, Any] = {"load before": load1()}
     runs = paired(overrides, args.repeats, args.threads, {v: (v, {}) for v in PHASES}, "_phases")
     medians = {}

@@ -19,6 +19,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = Path(__file__).with_name("fl_round.py")  # what a spawned measurement runs
 PAGE = os.sysconf("SC_PAGE_SIZE")
+# The two ways the in-process backend trains a round's clients (issue 18): one at a time, the old path, or as cohorts.
+COHORT = {"sequential": ["backend.cohort_size=1"], "cohort": []}
 
 
 def _tree_rss(root: int) -> int:

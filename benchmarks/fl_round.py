@@ -76,7 +76,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "benchmarks") not in sys.path:  # run as a script or imported by gpu_check.py
     sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from fl_process import collect, load1, paired, repeat, same_metrics  # noqa: E402
+from fl_process import COHORT, collect, load1, paired, repeat, same_metrics  # noqa: E402
 from round_phases import bench_phases, measure_phases  # noqa: E402
 from text_bucket import bench_bucket  # noqa: E402
 
@@ -316,9 +316,6 @@ def bench_pretrain(base: list[str], args: argparse.Namespace) -> dict[str, Any]:
 
 
 # --- cohort training, old vs new (issue 18) --------------------------------------------------------------------------
-COHORT = {"sequential": ["backend.cohort_size=1"], "cohort": []}
-
-
 def matmul_flops_per_s(size: int = 2048, repeats: int = 5) -> float:
     """The best of `repeats` fp32 torch.matmul calls of size³, in FLOP/s: this process's attainable peak."""
     import torch

@@ -19,9 +19,7 @@ import statistics
 import time
 from typing import Any
 
-from fl_process import load1, paired
-
-PHASES = {"sequential": ["backend.cohort_size=1"], "cohort": []}
+from fl_process import COHORT, load1, paired
 
 
 def _timed_call_class(totals: dict[str, float]) -> Any:
@@ -94,11 +92,11 @@ def measure_phases(variant: str, overrides: list[str]) -> dict[str, Any]:
     totals: dict[str, float] = collections.defaultdict(float)
     with tempfile.TemporaryDirectory(prefix="flbench-bench-") as results:
         warm = [o for o in overrides if not o.startswith("num_rounds=")]
-        run(compose([*warm, *PHASES[variant], "num_rounds=1", f"results_dir={results}/warm"], job_name="bench"))
+        run(compose([*warm, *COHORT[variant], "num_rounds=1", f"results_dir={results}/warm"], job_name="bench"))
         experiment = next(iter(_PROCESS_EXPERIMENTS.values()))
         _instrument(totals, experiment.backbone.model.transformer.resblocks)
         totals.clear()
-        record = run(compose([*overrides, *PHASES[variant], f"results_dir={results}/timed"], job_name="bench"))
+        record = run(compose([*overrides, *COHORT[variant], f"results_dir={results}/timed"], job_name="bench"))
     stamps = [row["time_s"] for row in record["history"]]
     rounds = len(stamps) - 1
     per_round = {key: value / rounds for key, value in totals.items()}
@@ -111,7 +109,7 @@ def bench_phases(base: list[str], args: argparse.Namespace) -> dict[str, Any]:
     """`base`: the run overrides (fl_round.py's COMMON and backbone ones)."""
     overrides = [*base, f"num_rounds={args.rounds}"]
     out: dict[str, Any] = {"load before": load1()}
-    runs = paired(overrides, args.repeats, args.threads, {v: (v, {}) for v in PHASES}, "_phases")
+    runs = paired(overrides, args.repeats, args.threads, {v: (v, {}) for v in COHORT}, "_phases")
     medians = {}
     for variant, variant_runs in runs.items():
         keys = variant_runs[0]["phases_s"]

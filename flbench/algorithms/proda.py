@@ -74,6 +74,7 @@ def gaussian_surrogate_loss(features: torch.Tensor, images: torch.Tensor, labels
 
 class ProDA(PromptMethod):
     name = "proda"
+    _order: torch.Tensor  # the permutation of the prompts being walked (drawn when the cursor is back at 0)
     paper = "ProDA (Lu et al., CVPR 2022)"
     extra_loss = "Gaussian upper bound of expected CE over K prompts; 0.1·mean |cos| between prompts (diversity)"
     fidelity = """\
@@ -136,7 +137,7 @@ covariance or diversity at all; those are not reproduced (K = 32 and the three p
         return sims[off_diagonal].abs().mean()
 
     def reset_walk(self) -> None:
-        self._order, self._cursor = torch.arange(self.ctx.shape[0]), 0
+        self._cursor = 0  # the next prompt batch starts a new permutation
 
     def next_prompt_batch(self) -> torch.Tensor:
         """The prompts this step trains: all K, or the next `prompt_batch` of a random permutation (a new one each

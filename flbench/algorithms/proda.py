@@ -61,8 +61,8 @@ def gaussian_surrogate_loss(features: torch.Tensor, images: torch.Tensor, labels
     else:  # Σ_k Σ_d x_d² (dev_kj − dev_ky)²_d, expanded so that no [K, B, C, D] tensor is formed
         # The label rows are picked by a one-hot product, not by indexing: with repeated labels, indexing's backward
         # (index_put with accumulation) adds with parallel atomics on CPU from 32,768 elements on, in a racing order
-        # that made ProDA's gradients differ run to run (index_select's, index_add, does so on CUDA). A product's
-        # reduction has a fixed order, and its forward is exact (x·1 plus zeros).
+        # that made ProDA's gradients differ run to run (index_select's, index_add, does so on CUDA, as PyTorch
+        # documents). A product's reduction has a fixed order, and its forward is exact (x·1 plus zeros).
         weights = images.pow(2)                                    # [B, D]
         energy = dev.pow(2).sum(0)                                 # Σ_k dev_kc², [C, D]
         pick = F.one_hot(labels, dev.shape[1]).to(dev.dtype)       # [B, C]

@@ -2,7 +2,8 @@
 and gradients agree with sharing on and off, the shared path really runs the prefix once per group, a tower it cannot
 split (swapped attention) falls back to full rows, and a federated record is the same either way. So are its packed
 rows and pooled last block (`text_packing`): every method agrees with packing on and off, per-token ops really run
-on real tokens only, and on this CPU a cohort's features and gradients are bit-identical either way.
+on real tokens only, block 0 projects the class-name tokens once per call, and on this CPU a cohort's features and
+gradients are bit-identical either way and across thread counts.
 
 Tolerance. Sharing computes the same attention over the same keys; only the shapes of the products change (the
 prefix keys are concatenated per row instead of computed per row). To show that no term of any sum changed, the
@@ -116,6 +117,22 @@ def test_packed_rows_run_per_token_ops_on_real_tokens_and_the_last_block_on_eot_
     assert last == [3 * len(MANY_CLASSES)], "the last block's MLP on each row's EOT only"
 
 
+def test_block_zero_projects_the_class_name_tokens_once_per_call():
+    backbone = random_tiny("tiny")
+    coop = build_method("coop", backbone, MANY_CLASSES, ["a photo of a {}."], {})
+    prefix = 1 + coop.ctx.shape[0]
+    real = int((coop.prompt.eot() - prefix + 1).sum())
+    contexts = torch.stack([coop.ctx] * 3).unsqueeze(1)
+    seen = []
+    hook = backbone.model.transformer.resblocks[0].ln_1.register_forward_hook(
+        lambda module, args, out: seen.append(args[0].shape[0]))
+    try:
+        coop.prompt.encode(contexts)
+    finally:
+        hook.remove()
+    assert sorted(seen) == sorted([3 * prefix, real]), "the 3 clients' prefixes, and one client's class-name tokens"
+
+
 def test_packing_leaves_a_cohorts_features_and_gradients_bit_identical():
     backbone = random_tiny("tiny")
     coop = build_method("coop", backbone, MANY_CLASSES, ["a photo of a {}."], {})
@@ -151,19 +168,21 @@ def test_the_environment_variable_turns_sharing_off_for_a_shareable_tower(monkey
     assert not shares_prefix(backbone.model)
 
 
+@pytest.mark.parametrize("groups", [1, 3], ids=["one client", "a cohort of 3"])
 @pytest.mark.parametrize("classes", [[f"class {i} shape" for i in range(64)], MANY_CLASSES],
                          ids=["one length, pooled", "several lengths, packed and pooled"])
-def test_shared_prefix_features_do_not_depend_on_the_thread_count(classes):
+def test_shared_prefix_features_do_not_depend_on_the_thread_count(classes, groups):
     """Ray workers and the in-process backend run other thread counts and must give the same numbers: small CPU
-    matrix products (one prefix alone) sum in a thread-dependent order, so prefix and rows share one product, and
-    packing and pooling shrink a product only where it keeps MIN_PACKED_ROWS rows."""
+    matrix products (one prefix alone) sum in a thread-dependent order, so prefix and rows share one product, packing
+    and pooling shrink a product only where it keeps MIN_PACKED_ROWS rows, and block 0's split products are padded."""
     backbone = random_tiny("tiny")
     coop = build_method("coop", backbone, classes, ["a photo of a {}."], {})
     runs = []
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        coop.ctx.grad = None
-        features = coop.text_features()
+        contexts = (torch.stack([coop.ctx.detach()] * groups) + torch.arange(groups).view(-1, 1, 1) / 10
+                    ).requires_grad_()
+        features = coop.prompt.encode(contexts.unsqueeze(1))
         features.pow(2).sum().backward()
-        runs.append((features.detach(), coop.ctx.grad.clone()))
+        runs.append((features.detach(), contexts.grad))
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])

@@ -25,12 +25,15 @@ end one position earlier, 17.5 % of the row positions), and, in the last block, 
 EOT row is pooled; the others matter there only as keys and values). So every per-token op (layer norms, projections,
 MLP) runs on the real tokens alone, packed into one matrix; attention sees them in the padded [rows, positions] grid
 as before, padding zero, which a real query never reaches under the causal mask; and the last block computes keys and
-values for every token but its attention output, output projection and MLP for the EOT rows only. Each row of a
-matrix product, layer norm or GELU is computed on its own, so this changes which rows are computed, not how: the
-features and gradients came out bit-identical on this project's machine (tests/test_prefix.py). A guard keeps it so
-across thread counts: a CPU product of fewer than 16 rows may sum in a thread-dependent order (measured here: 1 and
-4-15 rows, for some of the tower's weight shapes), so a product is packed or pooled only where it keeps at least
-`MIN_PACKED_ROWS` rows.
+values for every token but its attention output, output projection and MLP for the EOT rows only. Block 0's
+class-name tokens have seen no context yet: where every group has the same ones (a cohort's clients, CoCoOp's
+images), their layer norm and QKV projection run once per call, on one group's tokens, with no backward (constant
+inputs, frozen weights). Each row of a matrix product, layer norm or GELU is computed on its own, so this changes
+which rows are computed, not how: the features and gradients came out bit-identical on this project's machine
+(tests/test_prefix.py). A guard keeps it so across thread counts: a CPU product of fewer than 16 rows may sum in a
+thread-dependent order (measured here: 1 and 4-15 rows, for some of the tower's weight shapes), so a product is packed
+or pooled only where it keeps at least `MIN_PACKED_ROWS` rows, and block 0's two QKV products (prefixes; one group's
+class-name tokens) are padded with zero rows to that many.
 
 All three are on by default. `text_trimming(False)` / `prefix_sharing(False)` / `text_packing(False)` (context
 managers) or the environment variables `FLBENCH_TRIM_TEXT=0` / `FLBENCH_SHARE_PREFIX=0` / `FLBENCH_PACK_TEXT=0` turn
@@ -188,6 +191,7 @@ def encode_shared_prefix(model: nn.Module, prefix: torch.Tensor, suffix: torch.T
     (`shares_prefix`)."""
     G, P, _ = prefix.shape
     C = eot_index.shape[0]
+    one_suffix = suffix.dim() == 3  # the same class-name tokens in every group
     suffix = suffix.expand(G, *suffix.shape[-3:])
     if not shares_prefix(model):
         rows = torch.cat([prefix.unsqueeze(1).expand(-1, C, -1, -1), suffix], dim=-2).flatten(0, 1)
@@ -196,17 +200,27 @@ def encode_shared_prefix(model: nn.Module, prefix: torch.Tensor, suffix: torch.T
     positions = model.positional_embedding.to(prefix.dtype)
     layout = _Layout.of(G, P, length - P, eot_index - P)
     W = prefix.shape[-1]
+    blocks = model.transformer.resblocks
     # Prefix and row tokens as one [G·P + tokens, W] matrix for every per-token op (layer norms, projections, MLP):
     # one product per weight, and one large enough that its summation order does not depend on the thread count
     # (small CPU GEMMs' does: module docstring).
-    x = torch.cat([(prefix + positions[:P]).reshape(-1, W),
-                   layout.pack((suffix[..., :layout.steps, :] + positions[P:length]).reshape(-1, W))])
+    prefix_tokens = (prefix + positions[:P]).reshape(-1, W)
+    first_qkv = None
+    if one_suffix and layout.packed_ops:
+        # Block 0's class-name tokens have seen no context yet: their QKV projection is the same in every group and
+        # needs no backward (constant inputs, frozen weights), so it runs once, on one group's tokens.
+        group = layout.pack_group((suffix[0, :, :layout.steps] + positions[P:length]).reshape(-1, W))
+        rows_qkv = layout.unpack_group(_qkv(blocks[0], group)).reshape(1, C, layout.steps, -1)
+        rows, first_qkv = group.repeat(G, 1), (_qkv(blocks[0], prefix_tokens), rows_qkv.expand(G, -1, -1, -1))
+    else:
+        rows = layout.pack((suffix[..., :layout.steps, :] + positions[P:length]).reshape(-1, W))
+    x = torch.cat([prefix_tokens, rows])
     mask = sdpa_mask(model.attn_mask[:length, :length], prefix.dtype)
-    blocks = model.transformer.resblocks
     for i, block in enumerate(blocks):
-        x = _shared_block(block, x, mask, layout, pooled=layout.pooled and i == len(blocks) - 1)
+        x = _shared_block(block, x, mask, layout, pooled=layout.pooled and i == len(blocks) - 1,
+                          qkv=first_qkv if i == 0 else None)
     if not layout.pooled:  # every token came out of the last block: read the EOT rows
-        x = x[G * P:].index_select(0, layout.eot_packed)
+        x = x.index_select(0, layout.eot_packed + G * P)
     return project_pooled(model, x).unflatten(0, (G, C))
 
 
@@ -232,6 +246,7 @@ class _Layout:
     eot_grid: torch.Tensor  # [G·C] grid index of each row's EOT
     eot_packed: torch.Tensor  # [G·C] index of each row's EOT among the packed tokens
     pooled: bool  # whether the last block runs its attention output, projection and MLP on the EOT rows alone
+    packed_ops: bool  # whether per-token ops may run on some of the tokens (packing on)
 
     @staticmethod
     def of(groups: int, prefix: int, steps: int, eot_in_suffix: torch.Tensor) -> _Layout:
@@ -239,19 +254,34 @@ class _Layout:
         eot_grid = (torch.arange(groups * classes, device=eot_in_suffix.device) * steps
                     + eot_in_suffix.repeat(groups))
         if not packing_enabled():
-            return _Layout(groups, prefix, classes, steps, None, eot_grid, eot_grid, False)
+            return _Layout(groups, prefix, classes, steps, None, eot_grid, eot_grid, False, False)
         pooled = groups * classes >= MIN_PACKED_ROWS
         keep = torch.arange(steps, device=eot_in_suffix.device) <= eot_in_suffix.unsqueeze(1)  # [C, S]
         real_per_group = int(keep.sum())
         if real_per_group == classes * steps or groups * (prefix + real_per_group) < MIN_PACKED_ROWS:
-            return _Layout(groups, prefix, classes, steps, None, eot_grid, eot_grid, pooled)  # nothing to drop, or few
+            # nothing to drop, or too few tokens to pack
+            return _Layout(groups, prefix, classes, steps, None, eot_grid, eot_grid, pooled, True)
         real = keep.expand(groups, -1, -1).flatten().nonzero().squeeze(1)
         eot_packed = torch.searchsorted(real, eot_grid)  # real is sorted and holds every EOT
-        return _Layout(groups, prefix, classes, steps, real, eot_grid, eot_packed, pooled)
+        return _Layout(groups, prefix, classes, steps, real, eot_grid, eot_packed, pooled, True)
 
     def pack(self, grid: torch.Tensor) -> torch.Tensor:
         """[G·C·S, F] -> [tokens, F]: the real tokens."""
         return grid if self.real is None else grid.index_select(0, self.real)
+
+    def _group_real(self) -> torch.Tensor:
+        """Grid index of each real token of group 0 (the groups' tokens come in group order, each the same)."""
+        return self.real[:self.real.shape[0] // self.groups]
+
+    def pack_group(self, grid: torch.Tensor) -> torch.Tensor:
+        """[C·S, F] -> [tokens of one group, F]."""
+        return grid if self.real is None else grid.index_select(0, self._group_real())
+
+    def unpack_group(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[tokens of one group, F] -> [C·S, F], zero at padding."""
+        if self.real is None:
+            return tokens
+        return tokens.new_zeros(self.classes * self.steps, tokens.shape[-1]).index_copy(0, self._group_real(), tokens)
 
     def unpack(self, tokens: torch.Tensor) -> torch.Tensor:
         """[tokens, F] -> [G·C·S, F], zero at padding (never attended to: it follows its row's EOT)."""
@@ -261,17 +291,32 @@ class _Layout:
         return grid.index_copy(0, self.real, tokens)
 
 
+def _qkv(block: ResidualAttentionBlock, x: torch.Tensor) -> torch.Tensor:
+    """ln_1 and the QKV projection of tokens [N, W], in a product of at least MIN_PACKED_ROWS rows (zero rows
+    appended to a shorter one): a product that large sums each row as the whole pass's one product does."""
+    attn, short = block.attn, MIN_PACKED_ROWS - x.shape[0]
+    x = block.ln_1(x)
+    if short > 0:
+        return F.linear(torch.cat([x, x.new_zeros(short, x.shape[1])]), attn.in_proj_weight, attn.in_proj_bias)[:-short]
+    return F.linear(x, attn.in_proj_weight, attn.in_proj_bias)
+
+
 def _shared_block(block: ResidualAttentionBlock, x: torch.Tensor, mask: torch.Tensor, layout: _Layout,
-                  pooled: bool = False) -> torch.Tensor:
+                  pooled: bool = False, qkv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """One residual block over tokens [G·P + tokens, W] (the G prefixes, then the rows' packed tokens): per-token ops
     on all of them at once, attention apart — the prefix causally over itself, each row's queries over its group's
     prefix keys and values and its own (causally). `pooled`: the last block, whose output is read at the EOT rows
-    only — returns those [G·C, W]."""
+    only — returns those [G·C, W]. `qkv`: the QKV projections of the prefixes [G·P, 3W] and of the rows' grid
+    [G, C, S, 3W], where the caller computed them (block 0)."""
     attn = block.attn
     G, P, C, S = layout.groups, layout.prefix, layout.classes, layout.steps
     heads, n = attn.num_heads, G * P
-    qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
-    qkv_prefix, qkv_rows = qkv[:n], layout.unpack(qkv[n:])
+    if qkv is None:
+        qkv_tokens = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
+        qkv_prefix, qkv_rows = qkv_tokens.split([n, qkv_tokens.shape[0] - n])  # one backward copy, not two
+        qkv_rows = layout.unpack(qkv_rows).reshape(G, C, S, -1)
+    else:
+        qkv_prefix, qkv_rows = qkv
     qp, kp, vp = (t.reshape(G, P, heads, -1).transpose(-3, -2) for t in qkv_prefix.chunk(3, dim=-1))
     qr, kr, vr = (t.reshape(G, C, S, heads, -1).transpose(-3, -2) for t in qkv_rows.chunk(3, dim=-1))
     k_rows = torch.cat([kp.unsqueeze(1).expand(-1, C, -1, -1, -1), kr], dim=-2)
@@ -279,7 +324,7 @@ def _shared_block(block: ResidualAttentionBlock, x: torch.Tensor, mask: torch.Te
     out_rows = F.scaled_dot_product_attention(qr, k_rows, v_rows, attn_mask=mask[P:])
     out_rows = out_rows.transpose(-3, -2).reshape(G * C * S, -1)
     if pooled:
-        out, x = out_rows.index_select(0, layout.eot_grid), x[n:].index_select(0, layout.eot_packed)
+        out, x = out_rows.index_select(0, layout.eot_grid), x.index_select(0, layout.eot_packed + n)
     else:
         out_prefix = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask[:P, :P])
         out = torch.cat([out_prefix.transpose(-3, -2).reshape(n, -1), layout.pack(out_rows)])

@@ -1,6 +1,6 @@
 """One CoOp training step's text side, alone: a cohort of G clients' class prompts encoded in one shared-prefix call,
-forward + backward to the contexts (tiny CLIP, random weights, the default experiment's 64 classes). It imports only
-what every commit since the shared-prefix pass has had, so the same file times an old checkout beside the new one:
+forward + backward to the contexts (tiny CLIP, random weights, the default experiment's 64 classes). It uses only
+APIs that commit 3d888bc already had, so the same file times such an older checkout beside the new one:
 
     python benchmarks/text_step.py --groups 1,10                          # this checkout
     PYTHONPATH=/path/to/old/checkout python benchmarks/text_step.py ...   # another one (run them alternately)

@@ -203,7 +203,7 @@ def encode_shared_prefix(model: nn.Module, prefix: torch.Tensor, suffix: torch.T
     blocks = model.transformer.resblocks
     # Prefix and row tokens as one [G·P + tokens, W] matrix for every per-token op (layer norms, projections, MLP):
     # one product per weight, and one large enough that its summation order does not depend on the thread count
-    # (small CPU GEMMs' does: module docstring).
+    # (small CPU GEMMs' does: module docstring). Block 0's QKV is the exception below, its products padded instead.
     prefix_tokens = (prefix + positions[:P]).reshape(-1, W)
     first_qkv = None
     if one_suffix and layout.packed_ops:

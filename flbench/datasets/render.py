@@ -2,7 +2,9 @@
 
 Every image is a pure function of its integer seed sequence, so any subset of any split is reproducible without
 generating the rest. Shapes are drawn as polygons at 4× supersampling, then box-downsampled, which is cheap
-(~1.35 ms/image on one core of the Xeon) and anti-aliased.
+(~0.54 ms/image on one core of the Xeon) and anti-aliased. Canvases are channels first [3, H, W], so that every
+per-pixel blend runs over long contiguous planes (a channels-last [H, W, 3] canvas blended with an [H, W, 1] mask
+steps through 3-element inner loops), and flat or one-way-graded layers stay broadcastable arrays.
 """
 
 from __future__ import annotations
@@ -126,7 +128,8 @@ def _jitter(colour: tuple[int, int, int], rng: np.random.Generator, amount: floa
 
 
 def _pattern_fill(pattern: str, colour: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
-    """A size×size×3 texture: the colour modulated by the pattern (plain = flat)."""
+    """A [3, size, size] texture (channels first, like every canvas here): the colour modulated by the pattern; plain
+    is the colour alone, [3, 1, 1], which broadcasts to the same pixels."""
     yy, xx = _pixel_grid(size)
     period = size / rng.uniform(4.5, 6.0)
     phase = rng.uniform(0, period)
@@ -139,21 +142,27 @@ def _pattern_fill(pattern: str, colour: np.ndarray, size: int, rng: np.random.Ge
     elif pattern == "checkered":
         on = (((xx + phase) // period + (yy + phase) // period) % 2) == 0
     else:
-        on = np.ones_like(xx, dtype=bool)
+        return colour[:, None, None]
     light = np.clip(colour * 0.25 + 200, 0, 255)
-    return np.where(on[..., None], colour, light)
+    # A lookup, not np.where over [size, size, 3]: the same values, ~5x faster (one pass per channel).
+    texture, pick = np.empty((3, size, size), colour.dtype), on.view(np.uint8)
+    for channel in range(3):
+        np.take(np.array((light[channel], colour[channel])), pick, out=texture[channel])
+    return texture
 
 
 def _background(domain: str, size: int, rng: np.random.Generator) -> np.ndarray:
+    """The paper behind the object, channels first; a flat or one-way-graded one as a broadcastable [3, 1 or size,
+    1 or size] array (the same pixels as the full canvas, without writing them all)."""
     if domain == "photo":
-        tint_a, tint_b = rng.uniform(90, 200, 3), rng.uniform(90, 200, 3)
+        tint_a, tint_b = rng.uniform(90, 200, 3)[:, None, None], rng.uniform(90, 200, 3)[:, None, None]
         ramp = np.linspace(0, 1, size, dtype=np.float32)
         ramp = ramp[:, None] if rng.random() < 0.5 else ramp[None, :]
-        return (tint_a * (1 - ramp[..., None]) + tint_b * ramp[..., None]) * np.ones((size, size, 1), np.float32)
+        return tint_a * (1 - ramp) + tint_b * ramp
     if domain == "sketch":
-        return np.full((size, size, 3), rng.uniform(235, 255), np.float32)
+        return np.full((1, 1, 1), rng.uniform(235, 255), np.float32)
     if domain == "cartoon":
-        return np.ones((size, size, 3), np.float32) * rng.uniform(200, 250, 3)
+        return rng.uniform(200, 250, 3)[:, None, None]
     if domain == "noisy":
         # Grey clutter and strong noise: shape and colour stay legible, but nothing like it was seen in pretraining.
         grey = np.repeat(rng.integers(60, 200, (2, 2, 1), dtype=np.uint8), 3, axis=2)
@@ -167,7 +176,7 @@ def _background(domain: str, size: int, rng: np.random.Generator) -> np.ndarray:
                 draw.ellipse((x0 - r, y0 - r, x0 + r, y0 + r), fill=fill)
             else:
                 draw.line((x0, y0, *rng.uniform(0, size, 2)), fill=fill, width=int(r / 3) + 1)
-        return np.asarray(canvas, np.float32)
+        return np.ascontiguousarray(np.asarray(canvas, np.float32).transpose(2, 0, 1))
     raise ValueError(f"unknown rendering domain {domain!r}")
 
 
@@ -181,17 +190,17 @@ def render(shape: str, colour: tuple[int, int, int], pattern: str, domain: str, 
     mask = _mask(outer_px, holes_px, size)
     canvas = _background(domain, size, rng)
     fill_colour = _jitter(colour, rng)
-    alpha = np.asarray(mask, np.float32)[..., None] / 255.0
+    alpha = np.asarray(mask, np.float32) / 255.0
     line = max(2, int(scale * 0.12))
 
     if domain == "sketch":
         # Outline only: the mask's edge, in the object's colour, on paper.
         window = 2 * (line // 2) + 1
         edge = _extreme_filter(mask, window, np.maximum) - _extreme_filter(mask, window, np.minimum)
-        alpha = np.clip(edge, 0, 255)[..., None] / 255.0
-        fill = _pattern_fill(pattern, fill_colour, size, rng) if pattern != "plain" else fill_colour
+        alpha = np.clip(edge, 0, 255) / 255.0
+        fill = _pattern_fill(pattern, fill_colour, size, rng) if pattern != "plain" else fill_colour[:, None, None]
         # Patterns still need to be visible in a sketch: hatch the inside lightly.
-        inner = np.asarray(mask, np.float32)[..., None] / 255.0 * (0.35 if pattern != "plain" else 0.0)
+        inner = np.asarray(mask, np.float32) / 255.0 * (0.35 if pattern != "plain" else 0.0)
         canvas = canvas * (1 - inner) + _pattern_fill(pattern, fill_colour, size, rng) * inner
         return _finish(canvas * (1 - alpha) + fill * alpha, image_size, rng, noise=4)
 
@@ -201,20 +210,32 @@ def render(shape: str, colour: tuple[int, int, int], pattern: str, domain: str, 
         yy, xx = (grid / size for grid in _pixel_grid(size))
         light_angle = rng.uniform(0, 2 * math.pi)
         shade = 0.75 + 0.45 * ((xx - 0.5) * math.cos(light_angle) + (yy - 0.5) * math.sin(light_angle))
-        fill = np.clip(fill * shade[..., None], 0, 255)
+        fill = np.clip(fill * shade, 0, 255)
     canvas = canvas * (1 - alpha) + fill * alpha
     if domain == "cartoon":
         outline = _extreme_filter(mask, 2 * (line // 2) + 1, np.maximum)
-        outline = np.clip(outline - np.asarray(mask, np.float32), 0, 255)[..., None] / 255.0
+        outline = np.clip(outline - np.asarray(mask, np.float32), 0, 255) / 255.0
         canvas = canvas * (1 - outline)
     noise = {"photo": 6, "cartoon": 2, "noisy": 14}[domain]
     return _finish(canvas, image_size, rng, noise=noise)
 
 
 def _finish(canvas: np.ndarray, image_size: int, rng: np.random.Generator, noise: float) -> np.ndarray:
-    small = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8)).resize((image_size, image_size), Image.BOX)
-    out = np.asarray(small, np.float32) + rng.normal(0, noise, (image_size, image_size, 3))
+    pixels = np.broadcast_to(np.clip(canvas, 0, 255).astype(np.uint8), (3,) + (image_size * SUPERSAMPLE,) * 2)
+    small = box_downsample(pixels).transpose(1, 2, 0)
+    out = small.astype(np.float32) + rng.normal(0, noise, (image_size, image_size, 3))
     return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def box_downsample(pixels: np.ndarray) -> np.ndarray:
+    """PIL's `resize(..., Image.BOX)` by SUPERSAMPLE of uint8 channel planes [C, H, W], bit for bit, ~4x faster than
+    the round trip through a PIL image (which was a quarter of the rendering time). PIL resamples along rows, then
+    along columns, each pass in 22-bit fixed point, rounded to uint8 in between; at a factor of 4 every weight is
+    exactly 2^20, so a pass is (sum of 4 pixels + 2) >> 2 (tests/test_render.py checks it against PIL)."""
+    assert SUPERSAMPLE == 4, "the fixed-point shortcut holds for a factor of 4"
+    wide = pixels.astype(np.uint16)
+    rows = (wide[..., 0::4] + wide[..., 1::4] + wide[..., 2::4] + wide[..., 3::4] + 2) >> 2
+    return ((rows[:, 0::4] + rows[:, 1::4] + rows[:, 2::4] + rows[:, 3::4] + 2) >> 2).astype(np.uint8)
 
 
 RenderSpec = tuple[tuple[int, ...], str, str | None, str, str, int]

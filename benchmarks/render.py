@@ -42,8 +42,9 @@ def per_image(repeats: int, per_class: int, sizes: list[int]) -> None:
         for spec in specs:
             render_spec(spec)
         passes.append((time.perf_counter() - started) * 1e3 / len(specs))
+    timed = passes[1:]
     print(f"{len(specs)} images a pass at {sizes} px, ms per image over {repeats} passes: "
-          f"median {statistics.median(passes[1:]):.3f} ({', '.join(f'{p:.3f}' for p in passes[1:])})")
+          f"median {statistics.median(timed):.3f} ({', '.join(f'{p:.3f}' for p in timed)})")
 
 
 def cold_images() -> None:

@@ -2,7 +2,7 @@
 
 Every image is a pure function of its integer seed sequence, so any subset of any split is reproducible without
 generating the rest. Shapes are drawn as polygons at 4× supersampling, then box-downsampled, which is cheap
-(0.54–0.65 ms/image at 32 px on one core of the Xeon, benchmarks/render.py) and anti-aliased. Canvases are channels
+(~0.65 ms/image at 32 px on one core of the Xeon: benchmarks/render.py) and anti-aliased. Canvases are channels
 first [3, H, W], so that every per-pixel blend runs over long contiguous planes (a channels-last [H, W, 3] canvas
 blended with an [H, W, 1] mask steps through 3-element inner loops), and flat or one-way-graded layers stay
 broadcastable arrays.

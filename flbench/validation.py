@@ -12,7 +12,7 @@ import inspect
 import math
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from flbench.algorithms.base import method_class
+from flbench.backbones.attention import attention_settings, refuse_unread
 from flbench.datasets import DATASETS
 from flbench.datasets.partition import PARTITIONS
 from flbench.errors import ConfigError, unknown_keys_message
@@ -162,6 +163,52 @@ FL_RANGES = (
     ("partition.beta", 0, False, False, None, True), ("scenario.fraction", 0, False, False, 1, False),
     ("scenario.finetune_epochs", 1, True, True, None, True),
 )
+# Keys that only some code paths read: (key, whether this config's path reads it, why not when it does not). Set to
+# anything but its YAML default where it is not read, a key would change nothing but the record and its hash: a
+# "tuned" row that ran the default. So such a value is refused (`check_read`).
+CONDITIONAL_KEYS: tuple[tuple[str, Callable[[Mapping[str, Any]], bool], str], ...] = (
+    ("train.momentum", lambda c: _value(c, "train.optimizer") == "sgd", "it is SGD's (train.optimizer=sgd)"),
+    ("cache_views", lambda c: bool(_value(c, "train.augment")), "it is read only with train.augment=true"),
+    ("checkpoint.dir", lambda c: bool(_value(c, "checkpoint.every")), "checkpoints are off (checkpoint.every=0)"),
+    ("protocol.straggler_work", lambda c: bool(_value(c, "protocol.stragglers")),
+     "there are no stragglers (protocol.stragglers=0)"),
+    ("protocol.eta_l", lambda c: False, "Flower only logs it; the clients' learning rate is train.lr"),
+    ("partition.min_samples", lambda c: c["partition"].get("name") != "domain" or _value(c, "partition.alpha")
+     is not None, "it is read only with partition.alpha set (Dirichlet label skew)"),
+    ("backend.num_cpus", lambda c: not _value(c, "backend.address"), "backend.address joins a running Ray cluster"),
+    ("backend.temp_dir", lambda c: not _value(c, "backend.address"), "backend.address joins a running Ray cluster"),
+    ("backend.cohort_memory_mb", lambda c: _value(c, "backend.cohort_size") != 1,
+     "clients train one at a time (backend.cohort_size=1)"),
+)
+
+
+def _default(cfg: Mapping[str, Any], path: str) -> Any:
+    """`path`'s value in the YAML it comes from: its group option's file, else conf/config.yaml."""
+    section, _, key = path.rpartition(".")
+    if section in GROUPS:
+        name = cfg[section].get("name")
+        files = [p for p in sorted((CONF_DIR / section).glob("*.yaml")) if OmegaConf.load(p).get("name") == name]
+        return OmegaConf.load(files[0]).get(key) if files else None
+    root = OmegaConf.load(CONF_DIR / "config.yaml")
+    return OmegaConf.select(root, path)
+
+
+def check_read(cfg: Mapping[str, Any]) -> None:
+    """Refuse a key set away from its default on a path that never reads it (CONDITIONAL_KEYS)."""
+    for path, read, why in CONDITIONAL_KEYS:
+        section, _, key = path.rpartition(".")
+        holder = cfg.get(section) if section else cfg
+        if not isinstance(holder, Mapping) or key not in holder or read(cfg):
+            continue
+        default = _default(cfg, path)
+        if holder[key] != default:
+            shown = "null" if default is None else default
+            raise ConfigError(f"{path}={holder[key]} changes nothing here: {why}; remove it (default: {shown})")
+    attention = (cfg.get("backbone") or {}).get("attention")
+    if isinstance(attention, Mapping):
+        refuse_unread(attention_settings(attention))
+
+
 # Scenarios that evaluate the learned prompt under class names it was not trained with.
 NEW_CLASSNAMES = ("base2novel", "xdataset")
 
@@ -260,6 +307,7 @@ def validate(cfg: Mapping[str, Any]) -> None:
     _named(cfg, "backend", ["inprocess", "ray"])
     method_class(cfg["algorithm"].get("name"))
     check_keys(cfg)
+    check_read(cfg)
     check_writable("results_dir", cfg.get("results_dir"))
     from flbench.results.wandb_logger import check_logger
 

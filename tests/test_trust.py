@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -151,6 +152,36 @@ def test_values_the_code_would_ignore_or_clamp_are_refused_and_nothing_is_writte
         with pytest.raises(ConfigError, match=message):
             run(compose_config(overrides, results_dir=tmp_path))
     assert not tmp_path.joinpath("records").exists() and not tmp_path.joinpath("locks").exists()
+
+
+@pytest.mark.parametrize("unread, read", [
+    (["train.momentum=0.5"], ["train.optimizer=sgd"]),
+    (["cache_views=2"], ["train.augment=true"]),
+    (["checkpoint.every=0", "checkpoint.dir=/elsewhere"], ["checkpoint.every=1"]),
+    (["protocol.straggler_work=0.3"], ["protocol.stragglers=0.5"]),
+    (["protocol=fedadam", "protocol.eta_l=0.1"], None),
+    (["partition=domain", "partition.min_samples=3"], ["partition.alpha=0.5"]),
+    (["backend=ray", "backend.address=localhost:6379", "backend.num_cpus=3"], ["backend.address=null"]),
+    (["backend.cohort_size=1", "backend.cohort_memory_mb=64"], ["backend.cohort_size=2"]),
+    (["+backbone/attention=routed_kv", "backbone.attention.calibration.steps=1000"],
+     ["backbone.attention.routers=calibrated"]),
+    (["+backbone/attention=gqa", "backbone.attention.uptrain.lr=0.01"], ["backbone.attention.uptrain.steps=60"]),
+])
+def test_a_key_its_code_path_never_reads_is_refused_unless_at_its_default(unread, read, tmp_path):
+    """A key set on a path that ignores it would only change the record's hash (a no-op "tuned" row); the same value
+    is accepted where the path reads it, and the default is accepted everywhere."""
+    key = unread[-1].partition("=")[0]
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}=.* changes nothing here: .*remove it"):
+        validate(compose_config(unread, results_dir=tmp_path))
+    validate(compose_config(unread[:-1], results_dir=tmp_path))
+    if read is not None:
+        validate(compose_config([*unread, *read], results_dir=tmp_path))
+
+
+def test_a_seed_a_word_initialised_context_never_draws_from_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"algorithm\.init_seed=1 changes nothing: algorithm\.ctx_init="):
+        run(compose_config(["+algorithm.init_seed=1"], results_dir=tmp_path))
+    assert not tmp_path.joinpath("records").exists()
 
 
 def test_an_offline_tag_or_a_missing_checkpoint_fails_before_rendering_anything(tmp_path, monkeypatch):

@@ -23,7 +23,7 @@ from torch import nn
 
 from flbench.algorithms.base import PromptMethod
 from flbench.algorithms.cohort import ClientState, backward_sum, bound
-from flbench.algorithms.prompting import TextPrompt, context_length_of, init_context
+from flbench.algorithms.prompting import TextPrompt, context_generator, context_length_of, init_context
 from flbench.backbones.clip import FrozenCLIP, normalize
 from flbench.errors import ConfigError
 
@@ -52,7 +52,7 @@ Deviations: none in the math. FLIP starts from random vectors (`ctx_init=null`).
             raise ConfigError("algorithm.n_ctx must be at least 1")
         if meta_hidden_ratio < 1:
             raise ConfigError("algorithm.meta_hidden_ratio must be at least 1")
-        self.ctx = nn.Parameter(init_context(backbone, n_ctx, ctx_init, torch.Generator().manual_seed(init_seed)))
+        self.ctx = nn.Parameter(init_context(backbone, n_ctx, ctx_init, context_generator(ctx_init, init_seed)))
         vis_dim, hidden = backbone.embed_dim, max(1, backbone.embed_dim // meta_hidden_ratio)
         self.meta_net = nn.Sequential(OrderedDict([
             ("linear1", nn.Linear(vis_dim, hidden)), ("relu", nn.ReLU()),

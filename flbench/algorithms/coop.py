@@ -15,7 +15,7 @@ from torch import nn
 
 from flbench.algorithms.base import PromptMethod, cosine_logits
 from flbench.algorithms.cohort import ClientState, backward_sum, bound, stacked
-from flbench.algorithms.prompting import TextPrompt, context_length_of, init_context
+from flbench.algorithms.prompting import TextPrompt, context_generator, context_length_of, init_context
 from flbench.backbones.clip import FrozenCLIP
 from flbench.errors import ConfigError
 
@@ -42,7 +42,7 @@ context cannot hold with a class name. FLIP starts from random vectors (`ctx_ini
         n_ctx = context_length_of(backbone, ctx_init, n_ctx)
         if n_ctx < 1:
             raise ConfigError("algorithm.n_ctx must be at least 1")
-        ctx = init_context(backbone, n_ctx, ctx_init, torch.Generator().manual_seed(init_seed))
+        ctx = init_context(backbone, n_ctx, ctx_init, context_generator(ctx_init, init_seed))
         if class_specific:
             ctx = ctx.unsqueeze(0).repeat(len(classnames), 1, 1)
         self.class_specific = class_specific

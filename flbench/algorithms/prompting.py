@@ -52,6 +52,17 @@ def init_context(backbone: FrozenCLIP, n_ctx: int, ctx_init: str | None, generat
     return torch.randn(n_ctx, backbone.text_width, generator=generator) * 0.02
 
 
+def context_generator(ctx_init: str | None, init_seed: int) -> torch.Generator:
+    """The generator of random initial context vectors (`init_context`). A word initialisation draws nothing, so
+    an `init_seed` other than 0 beside one would be silently ignored: it is refused (CoOp, CoCoOp; methods whose
+    seed also draws other tensors do not use this)."""
+    if ctx_init and init_seed != 0:
+        raise ConfigError(f"algorithm.init_seed={init_seed} changes nothing: algorithm.ctx_init={ctx_init!r} "
+                          "initialises the context from words; set algorithm.ctx_init=null for random vectors, or "
+                          "remove init_seed")
+    return torch.Generator().manual_seed(init_seed)
+
+
 def context_length_of(backbone: FrozenCLIP, ctx_init: str | None, n_ctx: int) -> int:
     """Number of context vectors: the tokens of `ctx_init` when given, else `n_ctx`.
 

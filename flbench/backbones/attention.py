@@ -111,6 +111,24 @@ def attention_settings(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
     return settings
 
 
+def refuse_unread(settings: Mapping[str, Any]) -> None:
+    """Refuse calibration settings of routers that are not calibrated and uptraining settings of a tower that is not
+    uptrained, away from their defaults: they would change only a run's record and hash (validation.check_read; the
+    calibration functions themselves take any settings). kind=dense and kind=gqa never read `calibration` either,
+    but the backbone experiment files set it for every row, so it is not refused there."""
+    unread = []
+    if settings["kind"] == "routed_kv" and settings["routers"] != "calibrated":
+        unread += [("calibration", k, "routers=calibrated") for k in CALIBRATION_DEFAULTS]
+    if settings["uptrain"]["steps"] == 0:
+        unread += [("uptrain", k, "uptrain.steps > 0") for k in UPTRAIN_DEFAULTS if k != "steps"]
+    for section, key, condition in unread:
+        value, default = settings[section][key], (CALIBRATION_DEFAULTS if section == "calibration" else
+                                                  UPTRAIN_DEFAULTS)[key]
+        if value != default:
+            raise ConfigError(f"backbone.attention.{section}.{key}={value!r} changes nothing here: it is read only "
+                              f"with backbone.attention.{condition}; remove it (default: {default!r})")
+
+
 def _pooled_row(model: nn.Module, tower: str) -> str:
     """Which row the tower's output is read from: end-of-text (text), CLS ("cls"), or all rows averaged ("mean")."""
     if tower == "text":

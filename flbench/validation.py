@@ -39,19 +39,26 @@ OPTIONAL_KEYS: dict[tuple[str, str], tuple[str, ...]] = {
 
 
 @lru_cache(maxsize=None)
+def _yaml(relative: str) -> dict[str, Any]:
+    """A YAML under conf/ as plain data, unresolved (read once per process; callers must not modify it)."""
+    return OmegaConf.to_container(OmegaConf.load(CONF_DIR / relative), resolve=False) or {}
+
+
 def _yaml_keys(relative: str) -> frozenset[str]:
-    data = OmegaConf.to_container(OmegaConf.load(CONF_DIR / relative), resolve=False) or {}
-    return frozenset(k for k in data if k not in ("defaults", "hydra"))
+    return frozenset(k for k in _yaml(relative) if k not in ("defaults", "hydra"))
+
+
+@lru_cache(maxsize=None)
+def _option_files(group: str, name: str) -> tuple[str, ...]:
+    """The YAML option(s) of `group` whose `name:` is `name` (several files may share a name: backbones)."""
+    return tuple(f"{group}/{path.name}" for path in sorted((CONF_DIR / group).glob("*.yaml"))
+                 if _yaml(f"{group}/{path.name}").get("name") == name)
 
 
 @lru_cache(maxsize=None)
 def option_keys(group: str, name: str) -> frozenset[str]:
-    """Keys of the YAML option(s) of `group` whose `name:` is `name` (several files may share a name: backbones)."""
-    keys: set[str] = set()
-    for path in sorted((CONF_DIR / group).glob("*.yaml")):
-        data = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
-        if data.get("name") == name:
-            keys |= _yaml_keys(f"{group}/{path.name}")
+    """Keys of the YAML option(s) of `group` whose `name:` is `name`, with the ones its code reads beside them."""
+    keys = set().union(*(_yaml_keys(f) for f in _option_files(group, name)))
     return frozenset(keys | set(OPTIONAL_KEYS.get((group, name), ())))
 
 
@@ -86,7 +93,7 @@ def check_keys(cfg: Mapping[str, Any]) -> None:
     _refuse_unknown("", cfg, top)
     for section in ("train", "eval", "checkpoint"):
         if isinstance(cfg.get(section), Mapping):
-            _refuse_unknown(section, cfg[section], set(OmegaConf.load(CONF_DIR / "config.yaml")[section]))
+            _refuse_unknown(section, cfg[section], set(_yaml("config.yaml")[section]))
     for group in GROUPS:
         section = cfg.get(group)
         if not isinstance(section, Mapping):
@@ -173,8 +180,9 @@ CONDITIONAL_KEYS: tuple[tuple[str, Callable[[Mapping[str, Any]], bool], str], ..
     ("protocol.straggler_work", lambda c: bool(_value(c, "protocol.stragglers")),
      "there are no stragglers (protocol.stragglers=0)"),
     ("protocol.eta_l", lambda c: False, "Flower only logs it; the clients' learning rate is train.lr"),
-    ("partition.min_samples", lambda c: c["partition"].get("name") != "domain" or _value(c, "partition.alpha")
-     is not None, "it is read only with partition.alpha set (Dirichlet label skew)"),
+    ("partition.min_samples",  # every partition that has it reads it, but domain only for its Dirichlet skew
+     lambda c: c["partition"].get("name") != "domain" or _value(c, "partition.alpha") is not None,
+     "it is read only with partition.alpha set (Dirichlet label skew)"),
     ("backend.num_cpus", lambda c: not _value(c, "backend.address"), "backend.address joins a running Ray cluster"),
     ("backend.temp_dir", lambda c: not _value(c, "backend.address"), "backend.address joins a running Ray cluster"),
     ("backend.cohort_memory_mb", lambda c: _value(c, "backend.cohort_size") != 1,
@@ -186,11 +194,10 @@ def _default(cfg: Mapping[str, Any], path: str) -> Any:
     """`path`'s value in the YAML it comes from: its group option's file, else conf/config.yaml."""
     section, _, key = path.rpartition(".")
     if section in GROUPS:
-        name = cfg[section].get("name")
-        files = [p for p in sorted((CONF_DIR / section).glob("*.yaml")) if OmegaConf.load(p).get("name") == name]
-        return OmegaConf.load(files[0]).get(key) if files else None
-    root = OmegaConf.load(CONF_DIR / "config.yaml")
-    return OmegaConf.select(root, path)
+        files = _option_files(section, str(cfg[section].get("name")))
+        return _yaml(files[0]).get(key) if files else None
+    root = _yaml("config.yaml")
+    return (root.get(section) or {}).get(key) if section else root.get(key)
 
 
 def check_read(cfg: Mapping[str, Any]) -> None:

@@ -118,15 +118,15 @@ def refuse_unread(settings: Mapping[str, Any]) -> None:
     but the backbone experiment files set it for every row, so it is not refused there."""
     unread = []
     if settings["kind"] == "routed_kv" and settings["routers"] != "calibrated":
-        unread += [("calibration", k, "routers=calibrated") for k in CALIBRATION_DEFAULTS]
+        unread.append(("calibration", CALIBRATION_DEFAULTS, "routers=calibrated"))
     if settings["uptrain"]["steps"] == 0:
-        unread += [("uptrain", k, "uptrain.steps > 0") for k in UPTRAIN_DEFAULTS if k != "steps"]
-    for section, key, condition in unread:
-        value, default = settings[section][key], (CALIBRATION_DEFAULTS if section == "calibration" else
-                                                  UPTRAIN_DEFAULTS)[key]
-        if value != default:
-            raise ConfigError(f"backbone.attention.{section}.{key}={value!r} changes nothing here: it is read only "
-                              f"with backbone.attention.{condition}; remove it (default: {default!r})")
+        unread.append(("uptrain", {k: v for k, v in UPTRAIN_DEFAULTS.items() if k != "steps"}, "uptrain.steps > 0"))
+    for section, defaults, condition in unread:
+        for key, default in defaults.items():
+            if settings[section][key] != default:
+                raise ConfigError(f"backbone.attention.{section}.{key}={settings[section][key]!r} changes nothing "
+                                  f"here: it is read only with backbone.attention.{condition}; remove it (default: "
+                                  f"{default!r})")
 
 
 def _pooled_row(model: nn.Module, tower: str) -> str:
